@@ -1,0 +1,3 @@
+from ptanet.cli import main
+
+raise SystemExit(main())
