@@ -1,0 +1,144 @@
+"""Self-describing checkpoints: one file rebuilds its model alone, and loading it never runs code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(weights_only=True)``. It carries the architecture, the active configuration, the
+per-configuration BatchNorm statistics, the preprocessing, the label map and the versions that
+wrote it; a training checkpoint also carries what ``--resume`` needs. Writes go to a temporary
+file that is renamed over the target, so a kill never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ptanet
+from ptanet.models import MobileNetV2, create_model, is_pta
+
+FORMAT = "ptanet.checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model (eval mode) and what was saved with it."""
+
+    path: Path
+    model: MobileNetV2
+    preprocess: dict
+    labels: dict[int, str]
+    config: str | None
+    meta: dict = field(default_factory=dict)
+    train_state: dict | None = None
+    versions: dict = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    return {"ptanet": ptanet.__version__, "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_payload(model: MobileNetV2, preprocess: dict) -> dict:
+    """Everything that rebuilds ``model`` for inference, as weights-only-loadable data."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": dict(model.arch),
+        "config": model.config if is_pta(model) else model.arch.get("config"),
+        "preprocess": dict(preprocess),
+        "labels": dict(ptanet.LABELS),
+        "versions": versions(),
+        "state_dict": model.state_dict(),
+        "bn_stats": {},
+    }
+    if is_pta(model):
+        payload["bn_stats"] = {
+            cfg: {name: {"mean": m, "var": v} for name, (m, v) in stats.items()} for cfg, stats in model.bn_stats().items()
+        }
+    return payload
+
+
+def save_checkpoint(path: str | Path, model: MobileNetV2, preprocess: dict, meta: dict | None = None, train_state: dict | None = None) -> Path:
+    """Write a checkpoint atomically. ``meta`` holds facts for people (epoch, metrics, settings);
+    ``train_state`` what ``--resume`` needs (optimizer, RNG states, ...)."""
+    payload = model_payload(model, preprocess)
+    payload["meta"] = dict(meta or {})
+    if train_state is not None:
+        payload["train_state"] = train_state
+    atomic_torch_save(payload, path)
+    return Path(path)
+
+
+def _rebuild(arch: dict, path: Path) -> MobileNetV2:
+    kwargs = {k: v for k, v in arch.items() if k not in ("name", "config")}
+    try:
+        model = create_model(arch["name"], **kwargs)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot rebuild the architecture {arch!r}: {exc}") from None
+    if "config" in arch and is_pta(model):
+        # A static (exported) model: the PTA model reduced to one configuration's branches.
+        model = model.to_static(arch["config"])
+    return model
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load and rebuild a checkpoint written by :func:`save_checkpoint` (weights only, no code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated/foreign files
+        lines = str(exc).splitlines() or [""]
+        # For refused pickles, the useful line is the one naming the forbidden global.
+        reason = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0])
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a ptanet checkpoint (expected a dict with format={FORMAT!r})")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {payload['format_version']} is newer than this ptanet reads "
+            f"({FORMAT_VERSION}); upgrade ptanet"
+        )
+    model = _rebuild(payload["arch"], path)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the architecture {payload['arch']}: {str(exc)[:300]}") from None
+    if is_pta(model):
+        for cfg, stats in payload.get("bn_stats", {}).items():
+            model.set_bn_stats(cfg, {name: (s["mean"], s["var"]) for name, s in stats.items()})
+        if payload.get("config"):
+            model.set_config(payload["config"])
+    model.eval()
+    return Checkpoint(
+        path=path,
+        model=model,
+        preprocess=payload["preprocess"],
+        labels={int(k): v for k, v in payload["labels"].items()},
+        config=payload.get("config"),
+        meta=payload.get("meta", {}),
+        train_state=payload.get("train_state"),
+        versions=payload.get("versions", {}),
+    )
