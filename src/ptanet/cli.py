@@ -10,7 +10,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptanet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each _add_* registers one subcommand and sets `func` to its handler.
-    for add in (_add_complexity,):
+    for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_evaluate, _add_report, _add_complexity,
+                _add_demo, _add_nuaa):
         add(sub)
     return parser
 
@@ -81,4 +82,228 @@ def _cmd_complexity(args) -> int:
             row.update({k: latency[row["model"]][k] for k in ("latency_ms", "relative_latency")})
         columns += LATENCY_COLUMNS
     _print_table(rows, columns, args.format, args.out)
+    return 0
+
+
+# --- data -------------------------------------------------------------------------------------
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write the embedded synthetic live/spoof set (CelebA-Spoof layout)")
+    p.add_argument("--out", required=True, help="folder to write (must be empty or absent)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-subjects", type=int, default=24)
+    p.add_argument("--test-subjects", type=int, default=8)
+    p.add_argument("--per-subject", type=int, default=80, help="images per subject (half live, half spoof)")
+    p.add_argument("--size", type=int, default=176, help="frame size in pixels")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    from ptanet.data.synth import write_synth
+
+    summary = write_synth(args.out, n_subjects_train=args.train_subjects, n_subjects_test=args.test_subjects,
+                          images_per_subject=args.per_subject, seed=args.seed, size=args.size, workers=args.workers,
+                          progress=True)
+    print(summary)
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=("celeba", "folder"), help="data layout (default: celeba)")
+    p.add_argument("--protocol", help="CelebA-Spoof protocol folder under metas/ (default: intra_test)")
+    p.add_argument("--detect", help="face detector for images without boxes: haar, or yunet:PATH.onnx")
+    p.add_argument("--cache", help="crop-cache folder (default: <out>/../cache/<data folder name>)")
+    p.add_argument("--size", type=int, help="face crop size (default: 128, the paper's)")
+    p.add_argument("--val-fraction", type=float, help="part of train held out for validation (default: 0.2)")
+    p.add_argument("--val-split", choices=("subject", "random"),
+                   help="subject-disjoint (default) or random (the paper's; leaks identities)")
+    p.add_argument("--seed", type=int, help="seed of the split, sampling, shuffling and augmentation (default: 0)")
+    p.add_argument("--prepare-workers", type=int, help="processes that crop faces into the cache (default: 2)")
+
+
+def _data_overrides(args) -> dict:
+    keys = ("source", "protocol", "detect", "cache", "size", "val_fraction", "val_split", "seed", "prepare_workers")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="crop every face once into the training cache (resumable)")
+    p.add_argument("data", help="data root (CelebA-Spoof layout, or live/ and spoof/ folders with --source folder)")
+    p.add_argument("--out", default="runs/prepare", help="only used to place the default cache (<out>/../cache)")
+    _add_data_args(p)
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args) -> int:
+    from ptanet.engine import load_data, resolve_settings
+
+    settings = resolve_settings(data=args.data, out=args.out, **_data_overrides(args))
+    data = load_data(settings)
+    for part, summary in data["loaded"].items():
+        print(f"{part} list: {summary}")
+    print(data["split"])
+    for part, report in data["reports"].items():
+        print(f"{part} cache: {report.summary()}")
+    return 0
+
+
+def _add_bench_data(sub) -> None:
+    p = sub.add_parser("bench-data", help="images/s of reading the crop cache with augmentation, per worker count")
+    p.add_argument("cache", help="a cache folder written by prepare (e.g. runs/cache/nuaa-dev/train)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    p.add_argument("--batches", type=int, default=50)
+    _add_format(p)
+    p.set_defaults(func=_cmd_bench_data)
+
+
+def _cmd_bench_data(args) -> int:
+    from ptanet.data import CropCache, bench_loader
+
+    cache = CropCache(args.cache)
+    rows = bench_loader(cache, cache.preprocess, args.batch_size, [int(w) for w in args.workers.split(",")], args.batches)
+    _print_table(rows, [("workers", "DataLoader workers", "int"), ("images", "Images", "int"),
+                        ("seconds", "Seconds", "f2"), ("images_per_s", "Images/s", "f2")], args.format)
+    return 0
+
+
+# --- training and evaluation --------------------------------------------------------------------
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train PTA-MobileNetV2 (or the No PTA baseline) with the paper's recipe",
+                       description="Settings: defaults (the paper's), then --config YAML, then these flags.")
+    p.add_argument("--data", help="data root")
+    p.add_argument("--out", help="run folder (default: runs/train)")
+    p.add_argument("--config", dest="config_file", help="YAML file of settings (names as in settings.json)")
+    p.add_argument("--arch", choices=("pta_mobilenet_v2", "mobilenet_v2"), help="default: pta_mobilenet_v2")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--width-mult", type=float)
+    p.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None)
+    p.add_argument("--sampling", help="training distribution, e.g. HHH=0.45,LHH=0.15,HLH=0.15,HHL=0.15,LLL=0.1 (Table 2)")
+    p.add_argument("--val-configs", help="configurations validated each epoch: paper (default), all, or a list")
+    p.add_argument("--select-config", help="the configuration whose validation ACER picks the best epoch (default: HHH)")
+    p.add_argument("--bn-configs", help="configurations that get their own BatchNorm statistics: paper (default), all, a list, or none")
+    p.add_argument("--bn-images", type=int, help="training crops for BatchNorm recalibration (default: 1000)")
+    p.add_argument("--max-batches", type=int, help="cap on batches per epoch (quick runs)")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default: 0)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    _add_data_args(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _parse_sampling(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        if not sep:
+            raise ValueError(f"--sampling: expected CONFIG=WEIGHT pairs, got {part!r}")
+        out[name.strip()] = float(weight)
+    return out
+
+
+def _cmd_train(args) -> int:
+    from ptanet.engine import resolve_settings, train
+
+    bn_configs = [] if args.bn_configs == "none" else args.bn_configs
+    settings = resolve_settings(
+        args.config_file, data=args.data, out=args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, width_mult=args.width_mult, augment=args.augment, sampling=_parse_sampling(args.sampling),
+        val_configs=args.val_configs, select_config=args.select_config, bn_configs=bn_configs, bn_images=args.bn_images,
+        max_batches=args.max_batches, workers=args.workers, **_data_overrides(args),
+    )
+    result = train(settings, resume=args.resume)
+    print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="paper Table 3 for checkpoints on their test split")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files (e.g. RUN/best.pt); several make one table")
+    p.add_argument("--configs", help="PTA configurations: paper (default), all, or a list like HHH,LLL")
+    p.add_argument("--data", help="evaluate on this data root instead of the one the checkpoint was trained on")
+    p.add_argument("--no-bn-recalibration", action="store_true",
+                   help="only the shared BatchNorm statistics (reproduces the paper exactly)")
+    p.add_argument("--out", help="folder for table3.md/json/csv (default: next to the first checkpoint, eval/)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from ptanet.evaluate import evaluate_checkpoints, table3_markdown, write_table3
+    from ptanet.models import parse_configs
+
+    rows = evaluate_checkpoints(args.checkpoints, parse_configs(args.configs), data=args.data,
+                                bn_recalibration=not args.no_bn_recalibration)
+    out = Path(args.out) if args.out else Path(args.checkpoints[0]).parent / "eval"
+    paths = write_table3(rows, out)
+    print(table3_markdown(rows))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="Table 5 and Figure 2 (and the speed/quality plot) from run folders")
+    p.add_argument("runs", nargs="+", help="run folders written by train")
+    p.add_argument("--out", default="runs/report")
+    p.add_argument("--config", default="HHH", help="PTA configuration shown against No PTA (default: HHH)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from ptanet.report import write_report
+
+    for name, path in write_report(args.runs, args.out, args.config).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+# --- whole experiments ----------------------------------------------------------------------------
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on embedded synthetic data: train PTA and No PTA, Tables 3-5, Figure 2")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, help="override the demo's epochs")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _print_written(written: dict) -> None:
+    print("\nwritten:")
+    for name, path in written.items():
+        print(f"  {name:20s} {path}")
+
+
+def _cmd_demo(args) -> int:
+    from ptanet.pipeline import run_demo
+
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    written = run_demo(args.out, **overrides)
+    print((written["table3.md"]).read_text())
+    _print_written(written)
+    return 0
+
+
+def _add_nuaa(sub) -> None:
+    p = sub.add_parser("nuaa", help="the paper's full recipe on the real nuaa-dev set (../shared/data/nuaa-dev)")
+    p.add_argument("--data", default=None, help="default: ../shared/data/nuaa-dev next to the project")
+    p.add_argument("--out", default="runs/nuaa")
+    p.add_argument("--epochs", type=int, help="default: 20 (the paper's)")
+    p.add_argument("--lr", type=float, help="default: 1e-4 (the paper's)")
+    p.set_defaults(func=_cmd_nuaa)
+
+
+def _cmd_nuaa(args) -> int:
+    from pathlib import Path
+
+    from ptanet.pipeline import run_experiment
+
+    data = Path(args.data) if args.data else Path.cwd().parent / "shared" / "data" / "nuaa-dev"
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data}: nuaa-dev not found; pass --data")
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+    written = run_experiment(data, args.out, overrides)
+    print((written["table3.md"]).read_text())
+    _print_written(written)
     return 0

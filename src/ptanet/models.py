@@ -279,6 +279,11 @@ class PTAMobileNetV2(MobileNetV2):
     def adaptive_bn_names(self) -> list[str]:
         return list(self._adaptive_bns)
 
+    @property
+    def adaptive_bns(self) -> dict[str, nn.BatchNorm2d]:
+        """The BatchNorm layers whose statistics depend on the configuration, by name."""
+        return dict(self._adaptive_bns)
+
     @contextlib.contextmanager
     def _shared_bn_installed(self) -> Iterator[None]:
         if self._shared_bn is None:

@@ -1,0 +1,466 @@
+"""Face-crop cache: every image is decoded, cropped and resized once, then training reads raw crops.
+
+Decoding a JPEG and cropping it costs far more than a training step's share of the loader budget on
+CPU, and 20 epochs over CelebA-Spoof would decode each image 20 times. `prepare_cache` does it once, in
+parallel worker processes, into one uint8 array `crops.npy` (N, size, size, 3) that `CropCache` maps
+read-only, so DataLoader workers share the pages instead of copying them.
+
+Files in a cache folder:
+- `crops.npy`    uint8 (N_items, size, size, 3), written through a memmap; the first `n_cached` rows are
+                 the good crops, in item order (rows of skipped items are not written, so nothing needs
+                 compacting; the unused tail stays sparse).
+- `index.json`   per good row: rel, label, spoof_type, subject (columns), written when complete.
+- `meta.json`    format version, preprocess settings, detector, fingerprint of the sources, completion.
+- `progress.json` how many items are done and which were skipped (why), replaced atomically.
+
+Resuming: results are written in item order, so what is done is always a prefix of the item list.
+`progress.json` is rewritten (temp file + os.replace) only after the crop rows it covers were flushed, so
+after a kill -9 the next call restarts at the first item not recorded, never trusting unflushed rows.
+A change of any source file (size, mtime), box, label, item list, preprocess setting or detector
+changes the fingerprint and rebuilds the cache from scratch.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm import tqdm
+
+from ptanet.data.augment import make_train_augment
+from ptanet.data.celeba import (Item, LoadResult, Reason, Skipped, count_summary, describe_split,
+                                load_celeba, load_folder, split_train_val)
+from ptanet.data.detect import make_detector, parse_detect_spec
+from ptanet.data.preprocess import EmptyBoxError, ImageReadError, Preprocess, read_image_rgb
+
+FORMAT_VERSION = 1
+CROPS, INDEX, META, PROGRESS = "crops.npy", "index.json", "meta.json", "progress.json"
+FLUSH_EVERY_S = 2.0  # how much finished work a kill -9 may cost at most (plus one chunk)
+
+
+# --- small file helpers --------------------------------------------------------------------------
+def _write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers (and a resumed run after a crash) see the old or the new file, never
+    a half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def bytes_on_disk(folder: str | os.PathLike) -> int:
+    """Allocated bytes of the files in a folder (sparse files count only what is written)."""
+    total = 0
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            st = entry.stat()
+            total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+    return total
+
+
+def source_fingerprint(items: list[Item], preprocess: Preprocess, detect: str | None) -> str:
+    """Hash of everything a cache's content depends on: each item's path, label, subject and box, its
+    file's size and mtime (a replaced image changes them), the preprocess settings and the detector."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "preprocess": preprocess.to_dict(),
+                                   "detect": detect}, sort_keys=True).encode())
+    for item in items:
+        try:
+            st = os.stat(item.path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        h.update(f"{item.path}\0{item.rel}\0{item.label}\0{item.spoof_type}\0{item.subject}\0"
+                 f"{item.box224}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+# --- the work done per image (in worker processes) -------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _detector(spec: str):
+    """One detector per process and spec (OpenCV detectors cannot be pickled to workers)."""
+    return make_detector(spec)
+
+
+def _init_worker() -> None:
+    # Each worker is one process on one core; OpenCV's own thread pool would only oversubscribe.
+    cv2.setNumThreads(1)
+
+
+@dataclass(frozen=True)
+class _Cropper:
+    """Crops a chunk of (path, box224) tasks -> [(crop | None, skip reason, detail)]. Picklable."""
+
+    preprocess: Preprocess
+    detect: str | None
+
+    def __call__(self, tasks: list[tuple[str, tuple[float, float, float, float] | None]]
+                 ) -> list[tuple[np.ndarray | None, str, str]]:
+        return [self._one(path, box224) for path, box224 in tasks]
+
+    def _one(self, path: str, box224) -> tuple[np.ndarray | None, str, str]:
+        if not os.path.exists(path):
+            return None, Reason.IMAGE_MISSING, path
+        try:
+            image = read_image_rgb(path)
+        except ImageReadError as exc:
+            return None, Reason.IMAGE_UNREADABLE, str(exc)
+        box_px = None
+        if box224 is None and self.detect is not None:
+            box_px = _detector(self.detect)(image)
+            if box_px is None:
+                return None, Reason.NO_FACE, f"{path} ({self.detect})"
+        try:
+            return self.preprocess.crop(image, box224=box224, box_px=box_px), "", ""
+        except EmptyBoxError as exc:
+            return None, Reason.BOX_ZERO, f"{path}: {exc}"
+
+
+# --- prepare ---------------------------------------------------------------------------------------
+@dataclass
+class PrepareReport:
+    """What `prepare_cache` did: items cached and skipped (with reasons), time, speed, size."""
+
+    cache_dir: str
+    n_items: int
+    n_cached: int
+    skipped: list[Skipped]
+    seconds: float
+    n_processed: int  # items decoded in this call (0 when the cache was reused)
+    workers: int
+    bytes_on_disk: int
+    reused: bool = False
+    resumed_from: int = 0  # items already done by an earlier, interrupted call
+    complete: bool = True
+    labels: Counter = field(default_factory=Counter)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_processed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        head = count_summary(self.n_cached, self.labels, self.skipped, verb="cached")
+        if self.reused:
+            how = "reused (sources and settings unchanged)"
+        else:
+            how = (f"{self.n_processed} images in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s, "
+                   f"{self.workers} workers)")
+            if self.resumed_from:
+                how += f", resumed after {self.resumed_from} done earlier"
+            if not self.complete:
+                how += f"; INCOMPLETE: {self.resumed_from + self.n_processed}/{self.n_items} done"
+        return f"{self.cache_dir}: {head}; {how}; {self.bytes_on_disk / 1e6:.1f} MB on disk"
+
+    __str__ = summary
+
+
+def _clear(cache_dir: Path) -> None:
+    for name in (META, PROGRESS, INDEX, CROPS):  # meta first: a half-cleared folder is never "valid"
+        (cache_dir / name).unlink(missing_ok=True)
+
+
+def _skipped_from(progress: dict, items: list[Item]) -> dict[int, Skipped]:
+    return {i: Skipped(items[i].rel, reason, detail) for i, reason, detail in progress["skipped"]}
+
+
+def prepare_cache(items: list[Item], cache_dir: str | os.PathLike, preprocess: Preprocess = Preprocess(),
+                  workers: int = 2, detect: str | None = None, progress: bool = True, *,
+                  chunk_size: int = 64, _stop_after_chunks: int | None = None) -> PrepareReport:
+    """Crop and resize every item once into `cache_dir` (see the module doc for the format).
+
+    Reuses a complete cache whose fingerprint matches, resumes an interrupted one, rebuilds otherwise.
+    `workers` processes decode in parallel (0 = in this process). With `detect`, items without a box get
+    the largest face the detector finds (none found: skipped). Unreadable images are skipped and
+    reported. `_stop_after_chunks` is a test hook that stops early as an interruption would.
+    """
+    if not items:
+        raise ValueError(f"{cache_dir}: no items to cache")
+    if detect is not None:
+        parse_detect_spec(detect)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    n_items, size = len(items), preprocess.size
+    fingerprint = source_fingerprint(items, preprocess, detect)
+    meta = _read_json(cache_dir / META)
+    state = _read_json(cache_dir / PROGRESS)
+    same = (isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION
+            and meta.get("fingerprint") == fingerprint and (cache_dir / CROPS).is_file())
+
+    def report(n_processed: int, resumed_from: int, reused: bool, complete: bool,
+               skipped: list[Skipped], n_cached: int) -> PrepareReport:
+        skipped_rels = {s.rel for s in skipped}
+        labels = Counter(i.label for i in items[:resumed_from + n_processed] if i.rel not in skipped_rels)
+        return PrepareReport(str(cache_dir), n_items, n_cached, skipped, time.perf_counter() - started,
+                             n_processed, workers, bytes_on_disk(cache_dir), reused, resumed_from,
+                             complete, labels)
+
+    if same and meta.get("complete"):
+        skipped = [Skipped(**s) for s in meta["skipped"]]
+        return report(0, n_items, True, True, skipped, meta["n_cached"])
+
+    crops = None
+    if same and isinstance(state, dict):
+        try:
+            crops = np.lib.format.open_memmap(cache_dir / CROPS, mode="r+")
+            skipped_at = _skipped_from(state, items)
+            n_done, n_written = int(state["n_done"]), int(state["n_written"])
+            if crops.shape != (n_items, size, size, 3) or n_done - len(skipped_at) != n_written:
+                crops = None
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            crops = None
+    if crops is None:  # new, changed or unusable: start from scratch
+        _clear(cache_dir)
+        crops = np.lib.format.open_memmap(cache_dir / CROPS, mode="w+", dtype=np.uint8,
+                                          shape=(n_items, size, size, 3))
+        skipped_at, n_done, n_written = {}, 0, 0
+        _write_json_atomic(cache_dir / PROGRESS, {"n_done": 0, "n_written": 0, "skipped": []})
+        _write_json_atomic(cache_dir / META, {
+            "format": FORMAT_VERSION, "fingerprint": fingerprint, "preprocess": preprocess.to_dict(),
+            "detect": detect, "n_items": n_items, "complete": False})
+    resumed_from = n_done
+
+    def flush() -> None:
+        crops.flush()  # rows reach the file before progress claims them
+        _write_json_atomic(cache_dir / PROGRESS, {
+            "n_done": n_done, "n_written": n_written,
+            "skipped": [[i, s.reason, s.detail] for i, s in sorted(skipped_at.items())]})
+
+    starts = list(range(n_done, n_items, chunk_size))
+    tasks = ([(it.path, it.box224) for it in items[s:s + chunk_size]] for s in starts)
+    cropper = _Cropper(preprocess, detect)
+    pool = multiprocessing.Pool(workers, initializer=_init_worker) if workers > 0 else None
+    stopped = False
+    last_flush = time.monotonic()
+    try:
+        results: Iterable = pool.imap(cropper, tasks) if pool else map(cropper, tasks)
+        with tqdm(total=n_items, initial=n_done, disable=not progress, unit="img",
+                  desc=f"crops {cache_dir.name}") as bar:
+            for n_chunks, (start, result) in enumerate(zip(starts, results), 1):
+                row = n_written
+                chunk_skips = {}
+                for offset, (crop, reason, detail) in enumerate(result):
+                    if crop is None:
+                        chunk_skips[start + offset] = Skipped(items[start + offset].rel, reason, detail)
+                    else:
+                        crops[row] = crop
+                        row += 1
+                # commit the whole chunk at once, so an interruption never leaves a half-counted chunk
+                skipped_at.update(chunk_skips)
+                n_done, n_written = start + len(result), row
+                bar.update(len(result))
+                if _stop_after_chunks is not None and n_chunks >= _stop_after_chunks:
+                    stopped = n_done < n_items
+                    break
+                if time.monotonic() - last_flush >= FLUSH_EVERY_S:
+                    flush()
+                    last_flush = time.monotonic()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        flush()  # also on KeyboardInterrupt: what was committed is kept for the next call
+    del crops
+
+    skipped = [s for _, s in sorted(skipped_at.items())]
+    if stopped:
+        return report(n_done - resumed_from, resumed_from, False, False, skipped, n_written)
+    good = [item for i, item in enumerate(items) if i not in skipped_at]
+    _write_json_atomic(cache_dir / INDEX, {
+        "rel": [i.rel for i in good], "label": [i.label for i in good],
+        "spoof_type": [i.spoof_type for i in good], "subject": [i.subject for i in good]})
+    meta = _read_json(cache_dir / META)
+    meta.update(complete=True, n_cached=n_written,
+                skipped=[{"rel": s.rel, "reason": s.reason, "detail": s.detail} for s in skipped])
+    _write_json_atomic(cache_dir / META, meta)
+    return report(n_done - resumed_from, resumed_from, False, True, skipped, n_written)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+class CropCache:
+    """A finished cache, opened read-only: `crops` (N, size, size, 3) uint8 memmap, `labels` and
+    `spoof_types` (int64), `subjects`, `rels`, and the `preprocess` it was built with.
+
+    Pickles as its folder path (DataLoader workers started with spawn reopen the memmap instead of
+    receiving a copy of every crop).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+        meta_path = self.cache_dir / META
+        meta = _read_json(meta_path)
+        if meta is None:
+            raise FileNotFoundError(f"{meta_path}: not a crop cache (missing or unreadable meta.json); "
+                                    "build it with prepare_cache / build_datasets")
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: cache format {meta.get('format')!r}, this ptanet reads "
+                             f"format {FORMAT_VERSION}; delete {self.cache_dir} and prepare it again")
+        if not meta.get("complete"):
+            done = (_read_json(self.cache_dir / PROGRESS) or {}).get("n_done", 0)
+            raise ValueError(f"{self.cache_dir}: crop cache is incomplete ({done}/{meta.get('n_items')} "
+                             "items); run prepare_cache again to resume it")
+        index = _read_json(self.cache_dir / INDEX)
+        if index is None:
+            raise ValueError(f"{self.cache_dir / INDEX}: missing or unreadable; prepare the cache again")
+        self.meta = meta
+        self.preprocess = Preprocess.from_dict(meta["preprocess"])
+        self.crops: np.ndarray = np.load(self.cache_dir / CROPS, mmap_mode="r")[:meta["n_cached"]]
+        self.rels: list[str] = index["rel"]
+        self.labels = np.asarray(index["label"], dtype=np.int64)
+        self.spoof_types = np.asarray(index["spoof_type"], dtype=np.int64)
+        self.subjects: list[str] = index["subject"]
+        if not len(self.crops) == len(self.rels) == len(self.labels) == len(self.subjects):
+            raise ValueError(f"{self.cache_dir}: crops.npy and index.json disagree in length; "
+                             "delete the folder and prepare it again")
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __repr__(self) -> str:
+        return f"CropCache({str(self.cache_dir)!r}, n={len(self)}, size={self.preprocess.size})"
+
+    def __getstate__(self) -> dict:
+        return {"cache_dir": str(self.cache_dir)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["cache_dir"])
+
+
+class CropDataset(Dataset):
+    """(normalised float tensor 3xHxW, int label) per cached crop, optionally augmented.
+
+    Augmentation randomness never touches global generators: each process (the main one, or each
+    DataLoader worker) builds its own albumentations Compose on first use, seeded from
+    (seed, epoch, worker id). Runs are therefore reproducible for a fixed seed and sampler order, and
+    workers do not repeat each other. Call `set_epoch(e)` before each epoch so that epochs differ even
+    when DataLoader workers are restarted per epoch (the default, persistent_workers=False).
+    """
+
+    def __init__(self, cache: CropCache, preprocess: Preprocess, augment: bool = False, seed: int = 0,
+                 indices: Iterable[int] | None = None) -> None:
+        if preprocess.size != cache.crops.shape[1]:
+            raise ValueError(f"{cache.cache_dir}: crops are {cache.crops.shape[1]}px but preprocess.size "
+                             f"is {preprocess.size}; prepare a cache with the same size")
+        self.cache, self.preprocess, self.augment, self.seed = cache, preprocess, augment, seed
+        self.indices = (np.arange(len(cache)) if indices is None
+                        else np.asarray(list(indices), dtype=np.int64))
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(cache)):
+            raise IndexError(f"indices out of range for {cache!r}")
+        self.labels = cache.labels[self.indices]
+        self.epoch = 0
+        self._augmenter = None
+        self._augmenter_key: tuple | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _augment_fn(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else -1
+        key = (os.getpid(), worker, self.epoch)
+        if self._augmenter_key != key:
+            seed = np.random.SeedSequence([self.seed, self.epoch, worker + 1]).generate_state(1)[0]
+            self._augmenter, self._augmenter_key = make_train_augment(seed=int(seed)), key
+        return self._augmenter
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = int(self.indices[i])
+        crop = np.array(self.cache.crops[row])  # copy out of the read-only map
+        if self.augment:
+            crop = self._augment_fn()(image=crop)["image"]
+        return self.preprocess.normalize(crop), int(self.cache.labels[row])
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_augmenter"], state["_augmenter_key"] = None, None  # rebuilt per worker
+        return state
+
+
+# --- whole data sets ---------------------------------------------------------------------------------
+def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
+                   preprocess: Preprocess = Preprocess(), protocol: str = "intra_test",
+                   val_fraction: float = 0.2, val_split: str = "subject", seed: int = 0, workers: int = 2,
+                   source: str = "celeba", detect: str | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Load the item lists, split train into train/val, and prepare (or reuse) one cache per part.
+
+    source="celeba": `root` in CelebA-Spoof layout; parts train, val (from train) and test.
+    source="folder": `root/live`, `root/spoof`; if `root/train` and `root/test` exist instead, each
+    holding live/ and spoof/, test comes from `root/test`. Otherwise there is no test part.
+    Returns {"train", "val"[, "test"]: CropCache, "split": describe_split text,
+    "loaded": {part: LoadResult summary}, "reports": {part: PrepareReport}}.
+    """
+    root = Path(root)
+    if source == "celeba":
+        loaded = {"train": load_celeba(root, "train", protocol), "test": load_celeba(root, "test", protocol)}
+    elif source == "folder":
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            loaded = {"train": load_folder(root / "train", detect), "test": load_folder(root / "test", detect)}
+        else:
+            loaded = {"train": load_folder(root, detect)}
+    else:
+        raise ValueError(f"unknown data source {source!r}; use 'celeba' or 'folder'")
+    for name, result in loaded.items():
+        if not result.items:
+            raise ValueError(f"{root}: no usable {name} items ({result.summary()})")
+    train, val = split_train_val(loaded["train"].items, val_fraction, by=val_split, seed=seed)
+    parts: dict[str, list[Item]] = {"train": train, "val": val}
+    if "test" in loaded:
+        parts["test"] = loaded["test"].items
+    out: dict[str, Any] = {"split": describe_split(train, val),
+                           "loaded": {k: v.summary() for k, v in loaded.items()}, "reports": {}}
+    for name, part in parts.items():
+        report = prepare_cache(part, Path(cache_root) / name, preprocess, workers=workers, detect=detect,
+                               progress=progress)
+        out["reports"][name] = report
+        out[name] = CropCache(report.cache_dir)
+    return out
+
+
+def bench_loader(cache: CropCache, preprocess: Preprocess, batch_size: int = 32,
+                 workers_list: Iterable[int] = (0, 1, 2), batches: int = 50,
+                 warmup: int = 5) -> list[dict[str, float]]:
+    """Images/s delivered by a DataLoader reading `cache` with augmentation, per worker count.
+
+    The first `warmup` batches (worker start-up, page cache) are not timed. Samples with replacement so
+    small caches still give `batches` full batches from one iterator.
+    """
+    dataset = CropDataset(cache, preprocess, augment=True)
+    results = []
+    for workers in workers_list:
+        sampler = RandomSampler(dataset, replacement=True, num_samples=(warmup + batches) * batch_size,
+                                generator=torch.Generator().manual_seed(0))
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
+        it = iter(loader)
+        for _ in range(warmup):
+            next(it)
+        t0 = time.perf_counter()
+        n = sum(len(labels) for _, labels in it)
+        seconds = time.perf_counter() - t0
+        results.append({"workers": workers, "batches": batches, "images": n, "seconds": seconds,
+                        "images_per_s": n / seconds})
+    return results

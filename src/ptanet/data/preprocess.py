@@ -1,0 +1,151 @@
+"""The one face crop and normalisation used by training, evaluation, inference and export.
+
+The paper (Section 4) crops each image to its face box, resizes the crop to 128x128 and feeds RGB to the
+network. Keeping all of that in one frozen `Preprocess` that checkpoints store (`to_dict`) means a model is
+always run on exactly the input it was trained on, whatever entry point loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+
+class ImageReadError(ValueError):
+    """An image file that does not exist or that OpenCV cannot decode (message names the file)."""
+
+
+class EmptyBoxError(ValueError):
+    """A face box that has no pixels left once scaled to the image and clamped to it."""
+
+
+def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to an RGB uint8 HxWx3 array.
+
+    `cv2.imread` returns None instead of raising on a missing or corrupt file; this turns that into an
+    error that names the file. The bytes are read with numpy and decoded with `cv2.imdecode` so that
+    non-ASCII paths work on every platform.
+    """
+    try:
+        data = np.fromfile(os.fspath(path), dtype=np.uint8)
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot read image file ({exc.strerror or exc})") from exc
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ImageReadError(f"{path}: OpenCV cannot decode this image (corrupt or not an image)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _clamp_box(x: int, y: int, w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """Clip a pixel box to the image; parts outside the image are cut off, not shifted in."""
+    x1, y1 = min(max(x, 0), width), min(max(y, 0), height)
+    x2, y2 = min(max(x + w, 0), width), min(max(y + h, 0), height)
+    if x2 <= x1 or y2 <= y1:
+        raise EmptyBoxError(
+            f"face box (x={x}, y={y}, w={w}, h={h}) px has zero size inside the {width}x{height} image"
+        )
+    return x1, y1, x2 - x1, y2 - y1
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Face crop + resize + normalisation settings; stored in every checkpoint and every crop cache."""
+
+    size: int = 128  # paper: faces resized to 128x128
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # per channel, in the order of `color`
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    box_frame: int = 224  # CelebA-Spoof boxes live in a 224x224 frame of the image
+    color: str = "RGB"  # channel order the network sees: "RGB" (paper) or "BGR"
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists; normalise so equality and hashing keep working.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if not isinstance(self.size, int) or self.size <= 0:
+            raise ValueError(f"Preprocess.size must be a positive int, got {self.size!r}")
+        if not isinstance(self.box_frame, int) or self.box_frame <= 0:
+            raise ValueError(f"Preprocess.box_frame must be a positive int, got {self.box_frame!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"Preprocess.mean and .std need 3 values each, got {self.mean} and {self.std}")
+        if min(self.std) <= 0:
+            raise ValueError(f"Preprocess.std must be positive, got {self.std}")
+        if self.color not in ("RGB", "BGR"):
+            raise ValueError(f"Preprocess.color must be 'RGB' or 'BGR', got {self.color!r}")
+
+    # --- storage ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict, as stored in checkpoints and cache metadata."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        """Rebuild from `to_dict()` output. Unknown keys are an error (a newer or foreign format), missing
+        keys take the defaults (an older checkpoint written before a setting existed)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocess settings must be a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocess setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    # --- geometry -----------------------------------------------------------------------------
+    def box_to_pixels(self, box224: tuple[float, float, float, float], width: int,
+                      height: int) -> tuple[int, int, int, int]:
+        """Scale a box from the `box_frame` x `box_frame` frame to pixels of a width x height image.
+
+        Uses CelebA-Spoof's own formula (`x1 = int(x * W / 224)`, ...) so crops match the data set's
+        intent, then clamps to the image. Raises EmptyBoxError when nothing of the box is left.
+        """
+        x, y, w, h = box224
+        sx, sy = width / self.box_frame, height / self.box_frame
+        return _clamp_box(int(x * sx), int(y * sy), int(w * sx), int(h * sy), width, height)
+
+    def crop(self, image_rgb: np.ndarray, box224: tuple[float, float, float, float] | None = None,
+             box_px: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Cut the face out of an RGB uint8 image and resize it to size x size (uint8).
+
+        Give the box either in the 224 frame (`box224`, CelebA-Spoof) or in pixels (`box_px`, a
+        detector); with neither, the whole image is the face. The crop is stretched to a square, as in
+        the paper. INTER_AREA when shrinking avoids aliasing; INTER_LINEAR when enlarging.
+        """
+        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+            raise ValueError(f"crop expects an HxWx3 uint8 image, got shape {image_rgb.shape} "
+                             f"dtype {image_rgb.dtype}")
+        if box224 is not None and box_px is not None:
+            raise ValueError("give box224 or box_px, not both")
+        height, width = image_rgb.shape[:2]
+        if box224 is not None:
+            x, y, w, h = self.box_to_pixels(box224, width, height)
+        elif box_px is not None:
+            x, y, w, h = _clamp_box(*(int(v) for v in box_px), width, height)
+        else:
+            x, y, w, h = 0, 0, width, height
+        face = image_rgb[y:y + h, x:x + w]
+        if w == self.size and h == self.size:
+            return np.ascontiguousarray(face)
+        shrinking = w >= self.size and h >= self.size
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        return cv2.resize(face, (self.size, self.size), interpolation=interpolation)
+
+    # --- tensors ------------------------------------------------------------------------------
+    def normalize(self, crops: np.ndarray) -> torch.Tensor:
+        """uint8 RGB crops (H,W,3) or (N,H,W,3) -> float tensor (3,H,W) or (N,3,H,W), mean/std scaled,
+        in the channel order of `color`."""
+        if crops.dtype != np.uint8 or crops.ndim not in (3, 4) or crops.shape[-1] != 3:
+            raise ValueError(f"normalize expects uint8 (H,W,3) or (N,H,W,3), got shape {crops.shape} "
+                             f"dtype {crops.dtype}")
+        # numpy, not torch: per-sample calls in DataLoader workers are ~5x faster without torch's
+        # per-op dispatch and intra-op threading (which also fights with other processes for cores).
+        x = crops[..., ::-1] if self.color == "BGR" else crops
+        scale = 1.0 / (255.0 * np.asarray(self.std, dtype=np.float32))
+        offset = -np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32)
+        x = x.astype(np.float32) * scale + offset
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))

@@ -1,0 +1,359 @@
+"""Training (the paper's recipe), validation, prediction and per-configuration BatchNorm recalibration.
+
+One training run trains one model. For a PTA model each iteration samples one configuration from
+the paper's Table 2 distribution and runs forward/backward through it alone. Every random choice
+of an epoch (shuffle order, augmentation, dropout, configuration draws) is seeded from
+``(seed, epoch)``, so a run resumed from its last checkpoint ends with the same weights as one
+that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ptanet.checkpoint import load_checkpoint, save_checkpoint
+from ptanet.data import CropCache, CropDataset, Preprocess, build_datasets
+from ptanet.metrics import compute_metrics
+from ptanet.models import BASELINE_LABEL, MobileNetV2, PTAMobileNetV2, create_model, is_pta, parse_config, parse_configs
+
+# Paper Table 2: configurations sampled during training and their probabilities (B never trained).
+PAPER_SAMPLING: dict[str, float] = {"HHH": 0.45, "LHH": 0.15, "HLH": 0.15, "HHL": 0.15, "LLL": 0.10}
+
+
+@dataclass
+class TrainSettings:
+    """Everything a training run depends on. Defaults are the paper's (Section 4)."""
+
+    data: str = ""  # data root: CelebA-Spoof layout (source=celeba) or live/ + spoof/ folders
+    out: str = "runs/train"  # run folder: settings.json, history.jsonl, last.pt, best.pt
+    source: str = "celeba"
+    protocol: str = "intra_test"
+    detect: str | None = None  # face detector for folder data without boxes: "haar" or "yunet:PATH"
+    cache: str | None = None  # crop-cache folder (default: <out>/../cache/<data folder name>)
+    arch: str = "pta_mobilenet_v2"
+    width_mult: float = 1.0
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-4  # Adam
+    size: int = 128
+    seed: int = 0
+    augment: bool = True  # colour jitter + ISO noise
+    val_fraction: float = 0.2
+    val_split: str = "subject"  # "random" reproduces the paper (it leaks identities into validation)
+    sampling: dict[str, float] = field(default_factory=lambda: dict(PAPER_SAMPLING))
+    val_configs: list[str] = field(default_factory=lambda: parse_configs("paper"))
+    select_config: str = "HHH"  # best epoch = lowest validation ACER of this configuration (Figure 2)
+    bn_configs: list[str] = field(default_factory=lambda: parse_configs("paper"))
+    bn_images: int = 1000  # training crops used to re-estimate BatchNorm statistics per configuration
+    workers: int = 0  # DataLoader workers; the cache is >10x faster than training, so 0 is enough
+    prepare_workers: int = 2
+    max_batches: int | None = None  # cap on batches per epoch (quick runs and tests)
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        self.sampling = {parse_config(k): float(v) for k, v in self.sampling.items()}
+        if any(v < 0 for v in self.sampling.values()) or sum(self.sampling.values()) <= 0:
+            raise ValueError(f"sampling weights must be non-negative with a positive sum, got {self.sampling}")
+        for name in ("val_configs", "bn_configs"):
+            value = getattr(self, name)
+            setattr(self, name, parse_configs(value) if isinstance(value, str) else [parse_config(c) for c in value])
+        self.select_config = parse_config(self.select_config)
+        if self.val_split not in ("subject", "random"):
+            raise ValueError(f"val_split must be 'subject' or 'random', got {self.val_split!r}")
+        for name in ("epochs", "batch_size", "size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def is_pta(self) -> bool:
+        return self.arch.startswith("pta_")
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.cache:
+            return Path(self.cache)
+        return Path(self.out).parent / "cache" / Path(self.data).resolve().name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_settings(config_file: str | None = None, **overrides: Any) -> TrainSettings:
+    """Settings from the defaults, then an optional YAML file, then explicit overrides (the command
+    line); ``None`` overrides mean "not given"."""
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot read settings ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: settings must be a mapping of name: value")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+    return TrainSettings(**values)
+
+
+class ConfigSampler:
+    """Draws one PTA configuration per iteration from a weighted distribution, with its own
+    generator (never the global RNGs that shuffle data or drive dropout)."""
+
+    def __init__(self, weights: dict[str, float], seed: Iterable[int] | int) -> None:
+        weights = {parse_config(c): float(w) for c, w in weights.items()}
+        self.configs = list(weights)
+        p = np.asarray(list(weights.values()), dtype=np.float64)
+        self.p = p / p.sum()
+        self.rng = np.random.default_rng(seed)
+        self.counts = {c: 0 for c in self.configs}
+
+    def sample(self) -> str:
+        config = self.configs[self.rng.choice(len(self.configs), p=self.p)]
+        self.counts[config] += 1
+        return config
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# --- prediction and validation ---------------------------------------------------------------------
+@torch.inference_mode()
+def predict(model: MobileNetV2, dataset: CropDataset, batch_size: int = 128) -> tuple[np.ndarray, float]:
+    """Spoof scores (softmax probability of class 1) for every item, and the mean cross-entropy."""
+    model.eval()
+    scores, loss_sum = [], 0.0
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        scores.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+    return np.concatenate(scores) if scores else np.zeros(0), loss_sum / max(1, len(dataset))
+
+
+def validate(model: MobileNetV2, dataset: CropDataset, configs: list[str], batch_size: int = 128) -> dict[str, dict]:
+    """Validation metrics per configuration (threshold 0.5); key ``"No PTA"`` for the baseline."""
+    labels = dataset.labels
+    out = {}
+    for config in configs if is_pta(model) else [None]:
+        if config is not None:
+            model.set_config(config)
+        scores, loss = predict(model, dataset, batch_size)
+        m = compute_metrics(scores, labels, threshold=0.5)
+        out[config or BASELINE_LABEL] = {k: m[k] for k in ("accuracy", "apcer", "bpcer", "acer", "auc", "eer")} | {"loss": loss}
+    return out
+
+
+# --- BatchNorm recalibration ---------------------------------------------------------------------
+@torch.no_grad()
+def recalibrate_bn(model: PTAMobileNetV2, dataset: CropDataset, configs: Iterable[str], num_images: int = 1000,
+                   batch_size: int = 64, seed: int = 0, progress: bool = True) -> None:
+    """Re-estimate, for each configuration, the running statistics of every BatchNorm whose input
+    depends on the configuration, and store them in the model (``set_bn_stats``).
+
+    Training leaves one set of running statistics that mixes all sampled configurations, which
+    fits rarely (LLL) or never (B) sampled ones badly. Following once-for-all / US-Nets: reset,
+    then a cumulative average over ``num_images`` un-augmented training crops in train mode,
+    without gradients. Layers before the first PTA block keep their trained statistics.
+    """
+    model.clear_bn_stats()
+    bns = model.adaptive_bns
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(dataset), size=min(num_images, len(dataset)), replace=False)
+    batches = [torch.stack([dataset[int(i)][0] for i in idx[s : s + batch_size]]) for s in range(0, len(idx), batch_size)]
+    saved = {n: (bn.momentum, bn.num_batches_tracked.clone()) for n, bn in bns.items()}
+    active = model.config
+    model.eval()
+    try:
+        for config in tqdm(list(configs), desc="BN recalibration", disable=not progress, leave=False):
+            fresh = {n: (torch.zeros_like(bn.running_mean), torch.ones_like(bn.running_var)) for n, bn in bns.items()}
+            model.set_config(config)
+            model.set_bn_stats(config, fresh)  # installs the fresh tensors; forward passes fill them
+            for bn in bns.values():
+                bn.momentum = None  # cumulative moving average over all batches
+                bn.num_batches_tracked.zero_()
+                bn.train()
+            for images in batches:
+                model(images)
+            for bn in bns.values():
+                bn.eval()
+    finally:
+        for n, bn in bns.items():
+            bn.momentum = saved[n][0]
+            bn.num_batches_tracked.copy_(saved[n][1])
+        model.set_config(active)
+        model.eval()
+
+
+# --- training --------------------------------------------------------------------------------------
+def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    best_epoch: int
+    best_val: dict
+    history: list[dict]
+
+
+def load_data(settings: TrainSettings, progress: bool = True) -> dict[str, Any]:
+    """The run's crop caches (train/val[/test]), prepared once and reused."""
+    preprocess = Preprocess(size=settings.size)
+    return build_datasets(
+        settings.data, settings.cache_dir, preprocess, protocol=settings.protocol, val_fraction=settings.val_fraction,
+        val_split=settings.val_split, seed=settings.seed, workers=settings.prepare_workers, source=settings.source,
+        detect=settings.detect, progress=progress,
+    )
+
+
+def train(settings: TrainSettings, resume: bool = False, progress: bool = True, log=print) -> TrainResult:
+    """Train one model with ``settings``; write the run folder; return where the best model is.
+
+    With ``resume`` an interrupted run continues from ``last.pt`` (losing at most the epoch that
+    was in progress) and ends with the same weights as an uninterrupted one.
+    """
+    if not settings.data:
+        raise ValueError("no data given: set `data` (a CelebA-Spoof root or a live/spoof folder)")
+    run = Path(settings.out)
+    last_path, best_path, history_path = run / "last.pt", run / "best.pt", run / "history.jsonl"
+    if not resume and last_path.exists():
+        raise ValueError(f"{run}: a run already exists there; pass --resume to continue it or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    _write_json(run / "settings.json", settings.to_dict())
+
+    data = load_data(settings, progress)
+    log(data["split"])
+    preprocess = Preprocess(size=settings.size)
+    train_set = CropDataset(data["train"], preprocess, augment=settings.augment, seed=settings.seed)
+    val_set = CropDataset(data["val"], preprocess, augment=False)
+
+    torch.manual_seed(settings.seed)  # weight initialisation
+    model = create_model(settings.arch, width_mult=settings.width_mult)
+    if is_pta(model):
+        model.clear_bn_stats()
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    history: list[dict] = []
+    start_epoch, best_epoch, best_acer = 1, 0, math.inf
+    if resume and last_path.exists():
+        ck = load_checkpoint(last_path)
+        state = ck.train_state or {}
+        if ck.meta.get("settings", {}).get("arch") != settings.arch:
+            raise ValueError(f"{last_path}: was trained as {ck.meta.get('settings', {}).get('arch')}, not {settings.arch}")
+        model.load_state_dict(ck.model.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        start_epoch, best_epoch, best_acer = state["epoch"] + 1, state["best_epoch"], state["best_acer"]
+        log(f"resuming {run} after epoch {state['epoch']}")
+    # The checkpoint is the truth: rewrite the history it knows (drops a line from a killed epoch).
+    history_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    select_key = settings.select_config if is_pta(model) else BASELINE_LABEL
+    val_configs = list(dict.fromkeys([settings.select_config, *settings.val_configs]))
+    meta = {"settings": settings.to_dict()}
+    epochs = tqdm(range(start_epoch, settings.epochs + 1), desc=f"train {settings.arch}", disable=not progress,
+                  initial=start_epoch - 1, total=settings.epochs)
+    for epoch in epochs:
+        torch.manual_seed(_epoch_seed(settings.seed, epoch, 0))  # dropout
+        train_set.set_epoch(epoch)
+        loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
+                            num_workers=settings.workers,
+                            generator=torch.Generator().manual_seed(_epoch_seed(settings.seed, epoch, 1)))
+        sampler = ConfigSampler(settings.sampling, [settings.seed, epoch, 2]) if is_pta(model) else None
+        n_batches = len(loader) if settings.max_batches is None else min(len(loader), settings.max_batches)
+        model.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(loader, total=n_batches, desc=f"epoch {epoch}", leave=False, disable=not progress)
+        for step, (images, labels) in enumerate(bar):
+            if step >= n_batches:
+                break
+            config = sampler.sample() if sampler else None
+            if config:
+                model.set_config(config)
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"epoch {epoch}, batch {step + 1}{f' ({config})' if config else ''}: loss is {loss.item()}; "
+                    f"training stopped. {last_path} holds the last finished epoch; lower --lr or check the data."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(labels)
+            loss_sum += loss.item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        train_time = time.perf_counter() - t0
+        val = validate(model, val_set, val_configs, settings.eval_batch_size)
+        if is_pta(model):
+            model.set_config(settings.select_config)
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(1, seen),
+            "train_accuracy": correct / max(1, seen),
+            "epoch_time_s": train_time,
+            "val_time_s": time.perf_counter() - t0 - train_time,
+            "images_per_s": seen / train_time if train_time > 0 else float("nan"),
+            "lr": settings.lr,
+            "val": val,
+        }
+        if sampler:
+            record["config_counts"] = sampler.counts
+        history.append(record)
+        acer = val[select_key]["acer"]
+        improved = not math.isnan(acer) and acer < best_acer
+        if improved:
+            best_epoch, best_acer = epoch, acer
+            save_checkpoint(best_path, model, preprocess.to_dict(), meta={**meta, "epoch": epoch, "val": val})
+        train_state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                       "best_epoch": best_epoch, "best_acer": best_acer}
+        # last.pt is written before the history line: a kill between the two loses nothing.
+        save_checkpoint(last_path, model, preprocess.to_dict(), meta={**meta, "epoch": epoch, "val": val}, train_state=train_state)
+        _append_jsonl(history_path, record)
+        epochs.set_postfix({f"val ACER {select_key}": f"{100 * acer:.2f}%"})
+        log(f"epoch {epoch}/{settings.epochs}: loss {record['train_loss']:.4f}, {record['images_per_s']:.0f} img/s, "
+            f"val ACER {select_key} {100 * acer:.2f}%{' (best)' if improved else ''}")
+
+    if not best_path.exists():  # every epoch had an undefined ACER (e.g. a one-class validation set)
+        save_checkpoint(best_path, model, preprocess.to_dict(), meta={**meta, "epoch": settings.epochs, "val": history[-1]["val"] if history else {}})
+    best = load_checkpoint(best_path)
+    if is_pta(best.model) and settings.bn_configs and settings.bn_images > 0:
+        log(f"re-estimating BatchNorm statistics for {len(settings.bn_configs)} configurations on {settings.bn_images} training crops")
+        recalibrate_bn(best.model, CropDataset(data["train"], preprocess, augment=False), settings.bn_configs,
+                       settings.bn_images, seed=settings.seed, progress=progress)
+        best.model.set_config(settings.select_config)
+        save_checkpoint(best_path, best.model, best.preprocess, meta=best.meta)
+    return TrainResult(run, best_path, best.meta.get("epoch", best_epoch), best.meta.get("val", {}), history)

@@ -1,0 +1,120 @@
+"""Paper Table 3: test quality of the baseline and every requested PTA configuration.
+
+Each row is measured at the fixed threshold 0.5 and at the EER threshold chosen on the
+validation split (never on test). A PTA model with stored per-configuration BatchNorm
+statistics is reported both with them ("recalibrated", the default) and with the single set
+that training left ("shared", exactly the paper's procedure).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from ptanet.checkpoint import load_checkpoint
+from ptanet.data import CropDataset, Preprocess
+from ptanet.engine import load_data, predict, resolve_settings
+from ptanet.metrics import compute_metrics, eer_threshold
+from ptanet.models import config_label, is_pta, parse_configs
+from ptanet.tables import to_markdown, write_table
+
+TABLE3_COLUMNS = [
+    ("model", "Configuration", "str"),
+    ("accuracy", "Accuracy (%)", "pct"),
+    ("apcer", "APCER (%)", "pct"),
+    ("bpcer", "BPCER (%)", "pct"),
+    ("acer", "ACER (%)", "pct"),
+    ("auc", "AUC", "f3"),
+    ("apcer_paper_formula", "APCER, paper formula (%)", "pct"),
+    ("bpcer_paper_formula", "BPCER, paper formula (%)", "pct"),
+]
+ALL_COLUMNS = [
+    ("model", "model", "str"), ("config", "config", "str"), ("bn", "bn", "str"),
+    ("threshold_rule", "threshold_rule", "str"), ("threshold", "threshold", "f3"),
+    *TABLE3_COLUMNS[1:], ("eer", "eer", "pct"), ("tpr@fpr=1e-2", "tpr@fpr=1e-2", "pct"),
+    ("worst_type", "worst_type", "str"), ("n", "n", "int"), ("checkpoint", "checkpoint", "str"),
+]
+
+
+def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[str] | None = None, data: str | None = None,
+                         bn_recalibration: bool = True, progress: bool = True, log=print) -> list[dict[str, Any]]:
+    """Table 3 rows for each checkpoint: the baseline gives one model row, a PTA model one per
+    configuration (and BN mode); each at threshold 0.5 and at the validation EER threshold.
+
+    The data (root, split, cache) are those the checkpoint was trained with, unless ``data`` names
+    another root.
+    """
+    configs = parse_configs(None) if configs is None else list(configs)
+    rows: list[dict[str, Any]] = []
+    for path in checkpoints:
+        ck = load_checkpoint(path)
+        settings = dict(ck.meta.get("settings", {}))
+        if data:
+            settings["data"] = data
+        if not settings.get("data"):
+            raise ValueError(f"{path}: the checkpoint names no data set; pass --data")
+        caches = load_data(resolve_settings(**settings), progress)
+        if "test" not in caches:
+            raise ValueError(f"{settings['data']}: no test split to evaluate on")
+        preprocess = Preprocess.from_dict(ck.preprocess)
+        val, test = (CropDataset(caches[p], preprocess) for p in ("val", "test"))
+        model = ck.model
+        variants: list[tuple[str | None, str]] = [(None, "n/a")]
+        if is_pta(model):
+            bn_modes = ["recalibrated", "shared"] if bn_recalibration and model.bn_configs else ["shared"]
+            variants = [(c, bn) for bn in bn_modes for c in configs]
+            stored = model.bn_stats()
+        for config, bn in variants:
+            if config is not None:
+                if bn == "shared":
+                    model.clear_bn_stats()
+                else:
+                    for c, stats in stored.items():
+                        model.set_bn_stats(c, stats)
+                if bn == "recalibrated" and config not in stored:
+                    log(f"{path}: no BatchNorm statistics stored for {config}; its 'recalibrated' row uses the shared ones")
+                model.set_config(config)
+            val_scores, _ = predict(model, val)
+            test_scores, _ = predict(model, test)
+            threshold_eer = eer_threshold(val_scores, val.labels)
+            for rule, threshold in (("0.5", 0.5), ("eer@val", threshold_eer)):
+                m = compute_metrics(test_scores, test.labels, threshold=threshold,
+                                    spoof_types=caches["test"].spoof_types[test.indices])
+                rows.append({"model": config_label(config), "config": config, "bn": bn, "threshold_rule": rule,
+                             "checkpoint": str(path), **m, "threshold": threshold})
+            log(f"{config_label(config)} ({bn} BN): test ACER {100 * rows[-2]['acer']:.2f}% at 0.5, "
+                f"{100 * rows[-1]['acer']:.2f}% at the validation EER threshold")
+    return rows
+
+
+def select(rows: list[dict], threshold_rule: str = "0.5", bn: str | None = None) -> list[dict]:
+    """Rows of one threshold rule; for PTA rows one BN mode (default: recalibrated if present)."""
+    picked = [r for r in rows if r["threshold_rule"] == threshold_rule]
+    modes = {r["bn"] for r in picked if r["config"]}
+    bn = bn or ("recalibrated" if "recalibrated" in modes else "shared")
+    return [r for r in picked if r["config"] is None or r["bn"] == bn]
+
+
+def table3_markdown(rows: list[dict]) -> str:
+    """Table 3 in sections: per-configuration BN (if any), the paper's shared BN, and EER thresholds."""
+    sections = []
+    modes = {r["bn"] for r in rows if r["config"]}
+    for bn in [m for m in ("recalibrated", "shared") if m in modes] or ["shared"]:
+        for rule, rule_text in (("0.5", "threshold 0.5"), ("eer@val", "threshold = EER point on validation")):
+            picked = select(rows, rule, bn)
+            if picked:
+                bn_text = {"recalibrated": "per-configuration BatchNorm statistics",
+                           "shared": "shared BatchNorm statistics (paper)"}[bn]
+                sections.append(f"### Test, {rule_text}, {bn_text}\n\n{to_markdown(picked, TABLE3_COLUMNS)}")
+    note = ("APCER = attacks accepted as live / attacks, BPCER = live rejected / live (ISO/IEC 30107-3, the paper's "
+            "text). The paper's formulas (2)-(3) swap the two; the 'paper formula' columns follow them for comparison.")
+    return "\n\n".join(sections) + "\n\n" + note + "\n"
+
+
+def write_table3(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
+    """table3.md (sections as above), table3.json and table3.csv (every row and column)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = write_table(rows, ALL_COLUMNS, out_dir / "table3")
+    paths["md"].write_text(table3_markdown(rows))
+    return paths

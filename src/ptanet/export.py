@@ -1,0 +1,310 @@
+"""ONNX export: one self-describing, verified ``.onnx`` file per PTA configuration.
+
+A PTA model switches configurations at run time, but a deployment usually wants one fixed speed
+point and no PyTorch. So each configuration is reduced with ``PTAMobileNetV2.to_static(config)`` --
+the same module evaluation measures, with that configuration's BatchNorm statistics -- and exported
+alone. The graph takes ``image`` (N,3,H,W float, already normalised) and returns ``logits`` and
+``spoof_score`` (softmax probability of class 1, spoof). Preprocessing, label map and configuration
+travel inside the file as ``metadata_props`` (JSON strings), so the ``.onnx`` alone is enough to
+run it correctly (see :func:`read_metadata` and ``ptanet.infer.Predictor``).
+
+Every export is checked before it is published: onnxruntime runs the written file on a random batch
+and its outputs must match PyTorch's; only then is the file renamed into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+import ptanet
+from ptanet.checkpoint import Checkpoint, load_checkpoint, versions
+from ptanet.data.preprocess import Preprocess
+from ptanet.models import MobileNetV2, config_label, is_pta, parse_config, parse_configs
+
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("logits", "spoof_score")
+DEFAULT_OPSET = 17
+# Float32 conv stacks differ between PyTorch and onnxruntime kernels by ~1e-6 relative; 1e-4 catches
+# real mismatches (wrong BN statistics, wrong branch, wrong op semantics) with a wide margin. It is
+# absolute for logits up to 1 in size and relative beyond, since rounding grows with the values.
+VERIFY_TOLERANCE = 1e-4
+METADATA_FORMAT = "ptanet.onnx"
+METADATA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class SpoofScorer(nn.Module):
+    """Wraps a classifier so it returns ``(logits, spoof_score)``.
+
+    This is the one definition of the score (softmax probability of the spoof class, label 1):
+    the exported graph and the PyTorch path of ``ptanet.infer`` both run it, so they cannot drift.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(image)
+        return logits, torch.softmax(logits, dim=1)[:, 1]
+
+
+def ortsession(path: str | os.PathLike, threads: int = 1) -> ort.InferenceSession:
+    """An onnxruntime CPU session with the options ptanet always wants.
+
+    ``threads`` intra-op threads, one inter-op thread. ``session.force_spinning_stop`` makes idle
+    worker threads sleep instead of spin: with several sessions of 2+ threads in one process
+    (export verification next to a predictor, tests), spinning threads steal each other's cores
+    and everything runs 6-10x slower.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    try:
+        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such ONNX file") from None
+        raise ValueError(f"{path}: onnxruntime cannot load this model ({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def read_metadata(source: str | os.PathLike | ort.InferenceSession, name: str | None = None) -> dict:
+    """The ptanet metadata of an exported file (or of an open session), JSON values decoded.
+
+    Keys: ``format``, ``format_version``, ``config`` (None for the No PTA baseline), ``model``
+    (table label), ``preprocess``, ``labels`` ({0: 'live', 1: 'spoof'}), ``arch``, ``input``,
+    ``outputs``, ``versions``. Raises ValueError naming the file (``name`` for a session) if it was
+    not written by ptanet.
+    """
+    session = source if isinstance(source, ort.InferenceSession) else ortsession(source)
+    props = session.get_modelmeta().custom_metadata_map
+    where = name or (source if not isinstance(source, ort.InferenceSession) else "<onnx session>")
+    if props.get("format") != json.dumps(METADATA_FORMAT):
+        raise ValueError(f"{where}: not a ptanet ONNX export (no {METADATA_FORMAT!r} metadata)")
+    try:
+        meta = {k: json.loads(v) for k, v in props.items()}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: corrupt ptanet metadata ({exc})") from None
+    if meta.get("format_version", 0) > METADATA_VERSION:
+        raise ValueError(f"{where}: ONNX metadata version {meta['format_version']} is newer than this ptanet reads")
+    meta["labels"] = {int(k): v for k, v in meta["labels"].items()}
+    return meta
+
+
+@dataclass
+class _Source:
+    """What an export needs from a checkpoint or a bare model."""
+
+    model: MobileNetV2
+    preprocess: dict
+    labels: dict[int, str]
+    origin: str
+
+
+def _source(obj: str | os.PathLike | Checkpoint | MobileNetV2, preprocess: dict | None) -> _Source:
+    if isinstance(obj, (str, os.PathLike)):
+        obj = load_checkpoint(obj)
+    if isinstance(obj, Checkpoint):
+        # The file name only: an absolute path would leak the exporting machine's layout into deployments.
+        return _Source(obj.model, preprocess or obj.preprocess, obj.labels, Path(obj.path).name)
+    if isinstance(obj, MobileNetV2):
+        # A bare model has no stored preprocessing: the paper's defaults unless the caller says.
+        return _Source(obj, preprocess or Preprocess().to_dict(), dict(ptanet.LABELS), f"<{type(obj).__name__}>")
+    raise TypeError(f"expected a checkpoint path, a Checkpoint or a MobileNetV2 model, got {type(obj).__name__}")
+
+
+def _static_module(model: MobileNetV2, config: str | None) -> tuple[nn.Module, str | None]:
+    """The module to export for ``config``, in eval mode, and the canonical config (None = no PTA)."""
+    if is_pta(model):
+        config = parse_config(config if config is not None else model.config, model.num_pta_blocks)
+        return model.to_static(config).eval(), config
+    own = model.arch.get("config")  # a checkpoint that already holds one static configuration
+    if config is not None and (own is None or parse_config(config) != own):
+        what = f"holds configuration {own} only" if own else "is the No PTA baseline"
+        raise ValueError(f"cannot export configuration {config!r}: the model {what} and has no PTA blocks to switch")
+    return copy.deepcopy(model).eval(), own
+
+
+def _metadata(config: str | None, src: _Source, arch: dict, size: int) -> dict[str, str]:
+    meta = {
+        "format": METADATA_FORMAT,
+        "format_version": METADATA_VERSION,
+        "config": config,
+        "model": config_label(config),
+        "preprocess": src.preprocess,
+        "labels": {str(k): v for k, v in src.labels.items()},
+        "arch": arch,
+        "input": {"name": INPUT_NAME, "shape": ["N", 3, size, size], "dtype": "float32",
+                  "note": "RGB/BGR order, mean and std as in preprocess; already normalised"},
+        "outputs": {"logits": "(N, num_classes) raw class scores",
+                    "spoof_score": "(N,) softmax probability of label 1 (spoof); predict spoof iff >= threshold"},
+        "versions": {**versions(), "onnx": onnx.__version__},
+        "source": src.origin,
+    }
+    return {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}
+
+
+def _to_onnx_bytes(module: nn.Module, size: int, opset: int, dynamic_batch: bool) -> bytes:
+    buf = io.BytesIO()
+    dynamic_axes = {name: {0: "N"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # We choose the TorchScript exporter on purpose (the dynamo one needs onnxscript and gains
+        # nothing for a plain conv net); its deprecation notice is noise for our users.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            module, (torch.zeros(1, 3, size, size),), buf, dynamo=False,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
+        )
+    return buf.getvalue()
+
+
+@torch.inference_mode()
+def _verify(path: Path, module: nn.Module, size: int, batch: int, name: Path, seed: int = 0) -> float:
+    """Max |onnxruntime - PyTorch| over both outputs on a random batch of the file at ``path``;
+    raises (naming the target ``name``) if over tolerance."""
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    expected = [t.numpy() for t in module(x)]
+    got = ortsession(path).run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+    for output, e, g in zip(OUTPUT_NAMES, expected, got):
+        if e.shape != g.shape:
+            raise RuntimeError(f"{name}: onnxruntime output {output!r} has shape {g.shape}, PyTorch {e.shape}")
+    diff = max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
+    tolerance = VERIFY_TOLERANCE * max(1.0, float(np.max(np.abs(expected[0]))))
+    if not diff < tolerance:
+        raise RuntimeError(f"{name}: onnxruntime and PyTorch outputs differ by {diff:.3g} (tolerance {tolerance:.3g})")
+    return diff
+
+
+def export_onnx(
+    checkpoint_path_or_model: str | os.PathLike | Checkpoint | MobileNetV2,
+    out_path: str | os.PathLike,
+    config: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    preprocess: dict | None = None,
+) -> dict:
+    """Export one configuration to ``out_path`` and verify it with onnxruntime.
+
+    ``config`` defaults to the checkpoint's active configuration; it must be None for the No PTA
+    baseline. ``preprocess`` overrides the stored settings (needed only for a bare model, which
+    otherwise gets the paper's defaults). The file is written to a temporary name, verified, and only
+    then renamed over ``out_path``: a failed or interrupted export never leaves a bad model there.
+
+    Returns ``{path, config, model, opset, max_abs_diff, size_bytes}``.
+    """
+    src = _source(checkpoint_path_or_model, preprocess)
+    module, config = _static_module(src.model, config)
+    return _export_static(module, config, src, Path(out_path), opset, dynamic_batch)
+
+
+def _export_static(module: nn.Module, config: str | None, src: _Source, out_path: Path, opset: int,
+                   dynamic_batch: bool) -> dict:
+    size = Preprocess.from_dict(src.preprocess).size
+    scorer = SpoofScorer(module).eval()
+    proto = onnx.load_from_string(_to_onnx_bytes(scorer, size, opset, dynamic_batch))
+    onnx.helper.set_model_props(proto, _metadata(config, src, dict(module.arch), size))
+    proto.doc_string = f"ptanet {config_label(config)}: face anti-spoofing; spoof_score = P(spoof)"
+    onnx.checker.check_model(proto)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        diff = _verify(Path(tmp), scorer, size, 3 if dynamic_batch else 1, out_path)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    opset_written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return {"path": str(out_path), "config": config, "model": config_label(config), "opset": opset_written,
+            "max_abs_diff": diff, "size_bytes": out_path.stat().st_size}
+
+
+def onnx_filename(config: str | None) -> str:
+    """``model_LHH.onnx`` for a configuration, ``model_baseline.onnx`` for No PTA."""
+    return f"model_{config or 'baseline'}.onnx"
+
+
+def export_all(
+    checkpoint: str | os.PathLike | Checkpoint | MobileNetV2,
+    out_dir: str | os.PathLike,
+    configs: Iterable[str] | str | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+) -> dict:
+    """Export one ``.onnx`` per configuration into ``out_dir`` plus ``manifest.json``.
+
+    ``configs``: a list, or a spec for :func:`ptanet.models.parse_configs` ("paper", "all",
+    "HHH,LLL"); None = the paper's six. For a model without PTA blocks (No PTA baseline, or a
+    static checkpoint) it must be None and the one model is exported. The manifest lists each file
+    with its parameters and multiply-adds (``ptanet.bench``), sorted fastest first, so a device can
+    pick the best configuration its time budget allows. Returns the manifest.
+    """
+    from ptanet.bench import count_macs, count_params  # ptflops is slow to import
+
+    src = _source(checkpoint, None)
+    if is_pta(src.model):
+        if configs is None or isinstance(configs, str):
+            wanted: list[str | None] = list(parse_configs(configs))
+        else:
+            wanted = list(dict.fromkeys(parse_config(c, src.model.num_pta_blocks) for c in configs))
+            if not wanted:
+                raise ValueError("no configuration to export; give e.g. ['HHH', 'LLL'] or None for the paper's six")
+    elif configs:
+        raise ValueError(f"{src.origin}: the model has no PTA blocks, so it has no configurations to export; "
+                         "leave configs empty to export it as it is")
+    else:
+        wanted = [None]
+    size = Preprocess.from_dict(src.preprocess).size
+    out_dir = Path(out_dir)
+    entries = []
+    for config in wanted:
+        module, canonical = _static_module(src.model, config)
+        name = onnx_filename(canonical)
+        result = _export_static(module, canonical, src, out_dir / name, opset, dynamic_batch)
+        params, macs = count_params(module), count_macs(module, size)
+        del result["path"]  # the manifest travels with its folder: file names only
+        entries.append({"file": name, **result, "params": params, "params_m": params / 1e6,
+                        "macs": macs, "mops": macs / 1e6})
+    entries.sort(key=lambda e: e["macs"])
+    manifest = {
+        "format": "ptanet.onnx-manifest", "format_version": METADATA_VERSION, "source": src.origin,
+        "input": {"name": INPUT_NAME, "shape": ["N", 3, size, size]}, "outputs": list(OUTPUT_NAMES),
+        "preprocess": src.preprocess, "labels": {str(k): v for k, v in src.labels.items()},
+        "models": entries,
+    }
+    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

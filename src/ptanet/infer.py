@@ -1,0 +1,232 @@
+"""Prediction on image files: live or spoof, with the crop and normalisation the model was trained on.
+
+A ``Predictor`` runs either a ptanet checkpoint (PyTorch; a PTA model switches configuration in place
+with :meth:`Predictor.set_config`) or an ``.onnx`` file from ``ptanet.export`` (onnxruntime; the
+preprocessing and labels come from the file's metadata, so the two give the same scores).
+
+The face box of an image is chosen as the training data pipeline chooses it, so that inference sees
+the crops the model learned from: an explicit ``box224``; else a CelebA-Spoof ``<stem>_BB.txt`` beside
+the image; else, with ``detect``, the largest face a detector finds; else the whole image.
+
+Per-image problems (unreadable file, bad box file, no face) become rows with an ``error`` instead of
+exceptions, so one bad file in a folder of thousands does not stop the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ptanet.checkpoint import load_checkpoint
+from ptanet.data.celeba import BOX_SUFFIX, IMAGE_EXTENSIONS, parse_box_file
+from ptanet.data.detect import make_detector
+from ptanet.data.preprocess import EmptyBoxError, ImageReadError, Preprocess, read_image_rgb
+from ptanet.export import INPUT_NAME, SpoofScorer, ortsession, read_metadata
+from ptanet.models import is_pta, parse_config
+
+ONNX_SUFFIX = ".onnx"
+
+
+class _TorchBackend:
+    """A checkpoint run with PyTorch. Switching a PTA configuration swaps branch pointers only."""
+
+    def __init__(self, path: Path, config: str | None) -> None:
+        ck = load_checkpoint(path)
+        self.path, self.model, self.preprocess, self.labels = path, ck.model, ck.preprocess, ck.labels
+        self.scorer = SpoofScorer(self.model).eval()
+        if config is not None:
+            self.set_config(config)
+
+    @property
+    def config(self) -> str | None:
+        return self.model.config if is_pta(self.model) else self.model.arch.get("config")
+
+    def set_config(self, config: str) -> None:
+        if is_pta(self.model):
+            self.model.set_config(config)
+        elif parse_config(config) != self.config:
+            what = f"holds configuration {self.config} only" if self.config else "is the No PTA baseline"
+            raise ValueError(f"{self.path}: cannot use configuration {config!r}: the model {what}")
+
+    @torch.inference_mode()
+    def scores(self, x: torch.Tensor) -> np.ndarray:
+        return self.scorer(x)[1].numpy()
+
+
+class _OnnxBackend:
+    """An exported configuration run with onnxruntime; it holds exactly one configuration."""
+
+    def __init__(self, path: Path, config: str | None, threads: int) -> None:
+        self.path = path
+        self.session = ortsession(path, threads)
+        meta = read_metadata(self.session, str(path))
+        self.preprocess, self.labels, self.config = meta["preprocess"], meta["labels"], meta["config"]
+        shape = self.session.get_inputs()[0].shape
+        size = Preprocess.from_dict(self.preprocess).size
+        if self.session.get_inputs()[0].name != INPUT_NAME or list(shape[1:]) != [3, size, size]:
+            raise ValueError(f"{path}: input {self.session.get_inputs()[0].name} {shape} does not match the "
+                             f"metadata (expected {INPUT_NAME} [N, 3, {size}, {size}])")
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+        if config is not None:
+            self.set_config(config)
+
+    def set_config(self, config: str) -> None:
+        if self.config is None or parse_config(config) != self.config:
+            held = f"configuration {self.config}" if self.config else "the No PTA baseline"
+            raise ValueError(f"{self.path}: this ONNX file holds {held} only; export configuration "
+                             f"{config!r} to its own file to use it")
+
+    def scores(self, x: torch.Tensor) -> np.ndarray:
+        arr = x.numpy()
+        step = self.fixed_batch or len(arr)
+        out = [self.session.run(["spoof_score"], {INPUT_NAME: arr[i:i + step]})[0] for i in range(0, len(arr), step)]
+        return np.concatenate(out)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted), by the extensions the data readers accept."""
+    folder = Path(folder)
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not images:
+        raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return images
+
+
+class Predictor:
+    """Live/spoof predictions for images, from a checkpoint (``.pt``) or an exported ``.onnx``.
+
+    ``config``: the PTA configuration to run (default: the one stored with the model); an ONNX file
+    holds one configuration and accepts only that one. ``detect``: None, ``"haar"`` or
+    ``"yunet:/path/model.onnx"``, used for images without a box file. ``box_files=False`` ignores
+    ``<stem>_BB.txt`` files. ``threads``: onnxruntime threads (ONNX only; PyTorch keeps its own
+    setting, which is process-wide). An image is labelled spoof iff its score >= ``threshold``, as in
+    ``ptanet.metrics``.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, config: str | None = None, detect: str | None = None,
+                 threshold: float = 0.5, box_files: bool = True, threads: int = 1) -> None:
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"threshold must be a number in [0, 1] (scores are probabilities), got {threshold!r}")
+        path = Path(model_path)
+        if path.suffix.lower() == ONNX_SUFFIX:
+            self._backend: _TorchBackend | _OnnxBackend = _OnnxBackend(path, config, threads)
+        else:
+            self._backend = _TorchBackend(path, config)
+        self.model_path = path
+        self.preprocess = Preprocess.from_dict(self._backend.preprocess)
+        self.labels: dict[int, str] = self._backend.labels
+        self.threshold = float(threshold)
+        self.detect = detect
+        self.box_files = box_files
+        self._detector = make_detector(detect) if detect is not None else None
+
+    @property
+    def backend(self) -> str:
+        """"onnxruntime" or "torch"."""
+        return "onnxruntime" if isinstance(self._backend, _OnnxBackend) else "torch"
+
+    @property
+    def config(self) -> str | None:
+        """The active PTA configuration; None for the No PTA baseline."""
+        return self._backend.config
+
+    def set_config(self, config: str) -> "Predictor":
+        """Switch the PTA configuration (checkpoints: in place, no copy). Returns ``self``."""
+        self._backend.set_config(config)
+        return self
+
+    # --- one image: box and crop ----------------------------------------------------------------
+    def _row(self, path: str | None) -> dict:
+        return {"path": path, "score": None, "label": None, "box_px": None, "box_source": None,
+                "config": self.config, "error": None}
+
+    def _crop(self, image: str | os.PathLike | np.ndarray,
+              box224: tuple[float, float, float, float] | None) -> tuple[dict, np.ndarray | None]:
+        """The result row (without score) and the face crop; on a per-image problem the row's
+        ``error`` says what and the crop is None."""
+        is_array = isinstance(image, np.ndarray)
+        name = "<array>" if is_array else os.fspath(image)
+        row = self._row(None if is_array else name)
+        try:
+            rgb = image if is_array else read_image_rgb(image)
+            height, width = rgb.shape[:2]
+            box_px, source = None, "image"
+            if box224 is None and self.box_files and not is_array:
+                box_path = os.path.splitext(name)[0] + BOX_SUFFIX
+                if os.path.exists(box_path):
+                    box224, reason, detail = parse_box_file(box_path)
+                    if box224 is None:
+                        row["error"] = f"{name}: {reason} ({detail})"
+                        return row, None
+                    source = "file"
+            elif box224 is not None:
+                source = "given"
+            if box224 is not None:
+                box_px = self.preprocess.box_to_pixels(box224, width, height)
+            elif self._detector is not None:
+                box_px, source = self._detector(rgb), "detector"
+                if box_px is None:
+                    row["error"] = f"{name}: no face detected ({self.detect})"
+                    return row, None
+            else:
+                box_px = (0, 0, width, height)
+            crop = self.preprocess.crop(rgb, box_px=box_px)
+        except (ImageReadError, EmptyBoxError) as exc:
+            row["error"] = str(exc) if isinstance(exc, ImageReadError) else f"{name}: {exc}"
+            return row, None
+        row["box_px"], row["box_source"] = tuple(int(v) for v in box_px), source
+        return row, crop
+
+    def _score(self, rows: list[dict], crops: list[np.ndarray]) -> None:
+        if not crops:
+            return
+        scores = self._backend.scores(self.preprocess.normalize(np.stack(crops)))
+        for row, score in zip(rows, scores):
+            row["score"] = float(score)
+            row["label"] = self.labels[1] if score >= self.threshold else self.labels[0]
+
+    # --- public API -----------------------------------------------------------------------------
+    def predict_image(self, image: str | os.PathLike | np.ndarray,
+                      box224: tuple[float, float, float, float] | None = None) -> dict:
+        """Predict one image: a file path, or an RGB uint8 HxWx3 array (as ``read_image_rgb`` gives).
+
+        Returns ``{path, score, label ('live'|'spoof'), box_px, box_source, config, error}``; when
+        ``error`` is set (unreadable image, bad box file, no face), score and label are None.
+        """
+        row, crop = self._crop(image, box224)
+        if crop is not None:
+            self._score([row], [crop])
+        return row
+
+    def iter_paths(self, paths: str | os.PathLike | Iterable[str | os.PathLike],
+                   batch_size: int = 32) -> Iterator[dict]:
+        """Like :meth:`predict_paths`, yielding rows as each batch finishes (for long folders)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(paths, (str, os.PathLike)):
+            paths = list_images(paths) if Path(paths).is_dir() else [paths]
+        batch: list[str | os.PathLike] = []
+        for path in [*paths, None]:
+            if path is not None:
+                batch.append(path)
+                if len(batch) < batch_size:
+                    continue
+            prepared = [self._crop(p, None) for p in batch]
+            ok = [(row, crop) for row, crop in prepared if crop is not None]
+            self._score([r for r, _ in ok], [c for _, c in ok])
+            yield from (row for row, _ in prepared)
+            batch = []
+
+    def predict_paths(self, paths: str | os.PathLike | Iterable[str | os.PathLike],
+                      batch_size: int = 32) -> list[dict]:
+        """Predict image files, or every image under a folder (recursive, sorted), in batches.
+
+        One row per image in input order (see :meth:`predict_image`); a problem with one image gives
+        that row an ``error`` naming the file and the rest go on.
+        """
+        return list(self.iter_paths(paths, batch_size))

@@ -1,0 +1,149 @@
+"""Face crop geometry, normalisation, image reading, augmentations and detectors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ptanet.data import Preprocess, make_detector, make_train_augment, read_image_rgb
+from ptanet.data.preprocess import EmptyBoxError, ImageReadError
+
+
+def noise(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+# --- box geometry ---------------------------------------------------------------------------------
+def test_box_scaling_known_example():
+    assert Preprocess().box_to_pixels((50, 50, 124, 124), 448, 448) == (100, 100, 248, 248)
+
+
+def test_box_scaling_non_square_uses_celeba_formula():
+    # x1 = int(x*W/224), y1 = int(y*H/224), w1 = int(w*W/224), h1 = int(h*H/224)
+    assert Preprocess().box_to_pixels((10, 20, 30, 40), 640, 480) == (28, 42, 85, 85)
+
+
+def test_box_is_clamped_to_the_image():
+    p = Preprocess()
+    assert p.box_to_pixels((200, 210, 100, 100), 224, 224) == (200, 210, 24, 14)
+    assert p.crop(noise(224, 224), box_px=(-10, -20, 50, 60)).shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("box", [(230, 10, 50, 50), (10, 10, 0.5, 50)])
+def test_box_with_nothing_left_raises(box):
+    with pytest.raises(ValueError, match="zero size"):
+        Preprocess().box_to_pixels(box, 224, 224)
+    with pytest.raises(EmptyBoxError):
+        Preprocess().crop(noise(224, 224), box224=box)
+
+
+def test_crop_matches_slice_and_resize():
+    image = noise(448, 300)
+    p = Preprocess()
+    x, y, w, h = p.box_to_pixels((50, 50, 124, 124), 300, 448)
+    expected = cv2.resize(image[y:y + h, x:x + w], (128, 128), interpolation=cv2.INTER_AREA)  # shrinking
+    np.testing.assert_array_equal(p.crop(image, box224=(50, 50, 124, 124)), expected)
+    small = noise(60, 80)
+    expected = cv2.resize(small, (128, 128), interpolation=cv2.INTER_LINEAR)  # enlarging, whole image
+    np.testing.assert_array_equal(p.crop(small), expected)
+
+
+def test_crop_rejects_bad_input():
+    with pytest.raises(ValueError, match="not both"):
+        Preprocess().crop(noise(10, 10), box224=(0, 0, 1, 1), box_px=(0, 0, 1, 1))
+    with pytest.raises(ValueError, match="uint8"):
+        Preprocess().crop(noise(10, 10).astype(np.float32))
+
+
+# --- normalisation and settings -------------------------------------------------------------------
+def test_normalize_shapes_and_values():
+    p = Preprocess(size=8)
+    crops = noise(8, 8)[None].repeat(2, axis=0)
+    one, batch = p.normalize(crops[0]), p.normalize(crops)
+    assert one.shape == (3, 8, 8) and batch.shape == (2, 3, 8, 8) and batch.dtype == torch.float32
+    ref = (torch.from_numpy(crops).float() / 255 - torch.tensor(p.mean)) / torch.tensor(p.std)
+    torch.testing.assert_close(batch, ref.permute(0, 3, 1, 2))
+    bgr = Preprocess(size=8, color="BGR", mean=(0, 0, 0), std=(1, 1, 1)).normalize(crops[0])
+    torch.testing.assert_close(bgr[0], torch.from_numpy(crops[0, :, :, 2]).float() / 255)
+
+
+def test_preprocess_dict_round_trip_and_validation():
+    p = Preprocess(size=96, mean=(0.5, 0.5, 0.5))
+    assert Preprocess.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert Preprocess.from_dict({"size": 64}) == Preprocess(size=64)  # missing keys: defaults
+    with pytest.raises(ValueError, match="unknown preprocess setting.*'sise'"):
+        Preprocess.from_dict({"sise": 64})
+    with pytest.raises(ValueError, match="size"):
+        Preprocess(size=0)
+    with pytest.raises(ValueError, match="color"):
+        Preprocess(color="HSV")
+
+
+# --- reading --------------------------------------------------------------------------------------
+def test_read_image_rgb_channel_order(tmp_path):
+    bgr = np.zeros((4, 5, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in OpenCV's order
+    cv2.imwrite(str(tmp_path / "blue.png"), bgr)
+    rgb = read_image_rgb(tmp_path / "blue.png")
+    assert rgb.shape == (4, 5, 3) and rgb[0, 0].tolist() == [0, 0, 255]
+
+
+def test_read_image_rgb_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="missing.jpg"):
+        read_image_rgb(tmp_path / "missing.jpg")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(ImageReadError, match="corrupt.jpg.*cannot decode"):
+        read_image_rgb(tmp_path / "corrupt.jpg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.png"):
+        read_image_rgb(tmp_path / "empty.png")
+
+
+# --- augmentations ---------------------------------------------------------------------------------
+def test_augment_keeps_shape_dtype_and_changes_pixels():
+    augment = make_train_augment(seed=1)
+    crops = [noise(128, 128, seed=i) for i in range(8)]
+    outputs = [augment(image=c)["image"] for c in crops]
+    assert all(o.shape == (128, 128, 3) and o.dtype == np.uint8 for o in outputs)
+    assert any(not np.array_equal(o, c) for o, c in zip(outputs, crops))
+
+
+def test_augment_ranges_are_explicit_and_seeded_without_global_state():
+    jitter, iso = make_train_augment().transforms
+    assert jitter.hue == (-0.05, 0.05) and jitter.brightness == (0.8, 1.2) and jitter.p == 0.5
+    assert iso.color_shift == (0.01, 0.05) and iso.intensity == (0.1, 0.5) and iso.p == 0.5
+    np_state, py_state = np.random.get_state()[1].copy(), random.getstate()
+    crop = noise(32, 32)
+    a = [make_train_augment(seed=7)(image=crop)["image"] for _ in range(2)]
+    np.testing.assert_array_equal(a[0], a[1])
+    assert np.array_equal(np.random.get_state()[1], np_state) and random.getstate() == py_state
+
+
+# --- detectors -------------------------------------------------------------------------------------
+def test_detector_specs_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="unknown face detector"):
+        make_detector("mtcnn")
+    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+        make_detector(f"yunet:{tmp_path / 'nope.onnx'}")
+
+
+def test_haar_finds_no_face_in_a_flat_image():
+    assert make_detector("haar")(np.full((200, 200, 3), 128, np.uint8)) is None
+
+
+@pytest.mark.parametrize("kind", ["haar", "yunet"])
+def test_detectors_find_the_face_in_a_real_image(nuaa_dev, kind):
+    spec = "haar" if kind == "haar" else f"yunet:{nuaa_dev.parents[1] / 'models' / 'face_detection_yunet.onnx'}"
+    image = read_image_rgb(nuaa_dev / "Data/train/1/live/000001.jpg")
+    box = make_detector(spec)(image)
+    assert box is not None
+    x, y, w, h = box
+    height, width = image.shape[:2]
+    # nuaa-dev images are 1.8x crops around the face: the face is central and about half the image
+    assert abs(x + w / 2 - width / 2) < width / 4 and abs(y + h / 2 - height / 2) < height / 4
+    assert width / 4 < w < width

@@ -1,0 +1,148 @@
+"""Training engine: Table 2 sampling, settings, run folder, exact resume, BN recalibration."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from ptanet import engine
+from ptanet.checkpoint import load_checkpoint
+from ptanet.data import CropDataset, Preprocess
+from ptanet.engine import PAPER_SAMPLING, ConfigSampler, NonFiniteLossError, TrainSettings, recalibrate_bn, resolve_settings, train
+from ptanet.models import pta_mobilenet_v2
+
+
+def tiny_settings(data, out, **kw):
+    base = dict(data=str(data), out=str(out), cache=str(out.parent / "cache"), size=32, batch_size=4, epochs=2,
+                val_configs=["HHH", "LLL"], bn_configs=["LLL", "BBB"], bn_images=8, prepare_workers=0, eval_batch_size=8)
+    return resolve_settings(**{**base, **kw})
+
+
+def test_sampler_follows_table2_and_is_seeded():
+    a = ConfigSampler(PAPER_SAMPLING, [0, 1])
+    draws = Counter(a.sample() for _ in range(20000))
+    assert set(draws) == set(PAPER_SAMPLING)  # B never trained
+    for config, p in PAPER_SAMPLING.items():
+        assert draws[config] / 20000 == pytest.approx(p, abs=0.015), config
+    assert a.counts == dict(draws)
+    b, c = ConfigSampler(PAPER_SAMPLING, [0, 1]), ConfigSampler(PAPER_SAMPLING, [0, 2])
+    assert [b.sample() for _ in range(50)] != [c.sample() for _ in range(50)]
+    # Any configuration and weights may be sampled.
+    assert {ConfigSampler({"bbb": 1.0}, 0).sample()} == {"BBB"}
+
+
+def test_sampler_same_seed_same_sequence():
+    one = ConfigSampler(PAPER_SAMPLING, 7)
+    two = ConfigSampler(PAPER_SAMPLING, 7)
+    assert [one.sample() for _ in range(100)] == [two.sample() for _ in range(100)]
+
+
+def test_defaults_are_the_papers_and_precedence(tmp_path):
+    s = TrainSettings()
+    assert (s.epochs, s.batch_size, s.lr, s.size, s.arch) == (20, 32, 1e-4, 128, "pta_mobilenet_v2")
+    assert s.sampling == PAPER_SAMPLING and s.select_config == "HHH"
+    yml = tmp_path / "s.yaml"
+    yml.write_text("epochs: 5\nlr: 0.001\nval_configs: all\n")
+    s = resolve_settings(str(yml), epochs=7, lr=None)
+    assert (s.epochs, s.lr, len(s.val_configs)) == (7, 0.001, 27)
+    with pytest.raises(ValueError, match="unknown setting.*'epoch'"):
+        resolve_settings(epoch=3)
+    with pytest.raises(ValueError, match="invalid PTA configuration 'HXH'"):
+        resolve_settings(sampling={"HXH": 1.0})
+    yml.write_text("- a list\n")
+    with pytest.raises(ValueError, match="s.yaml: settings must be a mapping"):
+        resolve_settings(str(yml))
+
+
+def test_train_writes_run_folder_and_recalibrated_best(tiny_synth, tmp_path):
+    s = tiny_settings(tiny_synth, tmp_path / "run")
+    result = train(s, progress=False, log=lambda *_: None)
+    run = tmp_path / "run"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert set(history[0]["val"]) == {"HHH", "LLL"}
+    assert sum(history[0]["config_counts"].values()) > 0
+    assert json.loads((run / "settings.json").read_text())["epochs"] == 2
+    best = load_checkpoint(result.best_checkpoint)
+    assert best.model.bn_configs == ["BBB", "LLL"]
+    assert best.meta["settings"]["arch"] == "pta_mobilenet_v2"
+    assert load_checkpoint(run / "last.pt").train_state["epoch"] == 2
+    with pytest.raises(ValueError, match="already exists.*--resume"):
+        train(s, progress=False, log=lambda *_: None)
+
+
+def test_baseline_trains_with_same_command(tiny_synth, tmp_path):
+    s = tiny_settings(tiny_synth, tmp_path / "base", arch="mobilenet_v2", epochs=1)
+    result = train(s, progress=False, log=lambda *_: None)
+    assert set(result.history[0]["val"]) == {"No PTA"}
+    assert "config_counts" not in result.history[0]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_synth, tmp_path, monkeypatch):
+    quiet = dict(progress=False, log=lambda *_: None)
+    full = train(tiny_settings(tiny_synth, tmp_path / "full", epochs=3, bn_configs=[]), **quiet)
+
+    per_epoch = sum(full.history[0]["config_counts"].values())
+    calls = {"n": 0}
+    real_sample = ConfigSampler.sample
+
+    def dying_sample(self):
+        calls["n"] += 1
+        if calls["n"] == 2 * per_epoch + 1:  # a kill in the first batch of epoch 3
+            raise KeyboardInterrupt
+        return real_sample(self)
+
+    s = tiny_settings(tiny_synth, tmp_path / "killed", epochs=3, bn_configs=[])
+    monkeypatch.setattr(ConfigSampler, "sample", dying_sample)
+    with pytest.raises(KeyboardInterrupt):
+        train(s, **quiet)
+    monkeypatch.setattr(ConfigSampler, "sample", real_sample)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt").train_state["epoch"] == 2
+    resumed = train(s, resume=True, **quiet)
+    a = load_checkpoint(tmp_path / "full" / "last.pt").model.state_dict()
+    b = load_checkpoint(tmp_path / "killed" / "last.pt").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert len((tmp_path / "killed" / "history.jsonl").read_text().splitlines()) == 3
+    assert full.history[-1]["train_loss"] == resumed.history[-1]["train_loss"]
+
+
+def test_non_finite_loss_stops_with_checkpoints_intact(tiny_synth, tmp_path, monkeypatch):
+    s = tiny_settings(tiny_synth, tmp_path / "nan", epochs=1)
+    train(s, progress=False, log=lambda *_: None)
+    real = torch.nn.functional.cross_entropy
+
+    def nan_loss(logits, labels, *a, **k):
+        out = real(logits, labels, *a, **k)
+        return out * float("nan") if out.dim() == 0 and logits.requires_grad else out
+
+    monkeypatch.setattr(engine.F, "cross_entropy", nan_loss)
+    with pytest.raises(NonFiniteLossError, match="epoch 2, batch 1.*loss is nan.*last.pt holds the last finished epoch"):
+        train(tiny_settings(tiny_synth, tmp_path / "nan", epochs=2), resume=True, progress=False, log=lambda *_: None)
+    assert load_checkpoint(tmp_path / "nan" / "last.pt").train_state["epoch"] == 1
+
+
+def test_recalibrate_bn_is_the_mean_over_the_crops(tiny_synth, tmp_path):
+    s = tiny_settings(tiny_synth, tmp_path / "x")
+    data = engine.load_data(s, progress=False)
+    dataset = CropDataset(data["train"], Preprocess(size=32))
+    torch.manual_seed(0)
+    model = pta_mobilenet_v2().eval()
+    shared_name = model.adaptive_bn_names[0]
+    shared = model.get_buffer(shared_name + ".running_mean").clone()
+    recalibrate_bn(model, dataset, ["LLL"], num_images=8, batch_size=4, progress=False)
+    # The stored mean is the average of that BN's input over the 8 crops (equal batches of 4).
+    layer = model.get_submodule(shared_name)
+    seen = []
+    handle = layer.register_forward_hook(lambda m, inp, out: seen.append(inp[0].mean(dim=(0, 2, 3))))
+    idx = torch.as_tensor(__import__("numpy").random.default_rng(0).choice(len(dataset), size=8, replace=False))
+    with torch.no_grad(), model.using("LLL"):
+        for chunk in idx.split(4):
+            model(torch.stack([dataset[int(i)][0] for i in chunk]))
+    handle.remove()
+    model.set_config("LLL")
+    torch.testing.assert_close(layer.running_mean, torch.stack(seen).mean(0), rtol=1e-4, atol=1e-5)
+    model.set_config("HHH")  # other configurations keep what training left
+    torch.testing.assert_close(model.get_buffer(shared_name + ".running_mean"), shared)
+    assert model.bn_configs == ["LLL"] and model.config == "HHH"

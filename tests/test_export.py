@@ -1,0 +1,153 @@
+"""ONNX export: the exported graph is the evaluated module (BN statistics included), it carries its
+own preprocessing/labels/configuration, and a failed export never leaves a file behind."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import ptanet.export as export
+from ptanet.checkpoint import load_checkpoint, save_checkpoint
+from ptanet.data.preprocess import Preprocess
+from ptanet.export import export_all, export_onnx, ortsession, read_metadata
+from ptanet.models import mobilenet_v2, pta_mobilenet_v2
+
+# Not the defaults, so a test can tell stored settings from defaults.
+PREPROCESS = Preprocess(size=96, color="BGR").to_dict()
+
+
+def _calibrated_pta(seed: int = 0):
+    """A random PTA model whose activations are not vanishingly small: BatchNorm statistics from a
+    few random batches (fresh-init statistics shrink the signal to ~0 through 17 blocks), and
+    per-configuration statistics for LHH, as a calibrated checkpoint has."""
+    torch.manual_seed(seed)
+    model = pta_mobilenet_v2()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for cfg in ("HHH", "LLL", "BBB"):
+            model.set_config(cfg)(torch.randn(4, 3, 64, 64))
+    model.eval().set_config("HHH")
+    g = torch.Generator().manual_seed(seed + 1)
+    stats = {}
+    for name in model.adaptive_bn_names:
+        mean, var = model.get_buffer(name + ".running_mean"), model.get_buffer(name + ".running_var")
+        stats[name] = (mean + 0.1 * torch.randn(mean.shape, generator=g), var * (0.8 + 0.4 * torch.rand(var.shape, generator=g)))
+    model.set_bn_stats("LHH", stats)
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small models on a shared 2-core machine: a second intra-op thread only adds contention
+    (several times slower under load), so these tests run PyTorch single-threaded."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "pta.pt"
+    return save_checkpoint(path, _calibrated_pta(), PREPROCESS)
+
+
+def _ort_outputs(path, x):
+    return ortsession(path).run(["logits", "spoof_score"], {"image": x.numpy()})
+
+
+def test_export_all_matches_the_switching_model_per_config(checkpoint, tmp_path):
+    manifest = export_all(checkpoint, tmp_path, ["BHH", "LHH"])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["manifest.json", "model_BHH.onnx", "model_LHH.onnx"]  # no temporary files left
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    entries = {e["config"]: e for e in manifest["models"]}
+    assert set(entries) == {"BHH", "LHH"}
+    assert [e["macs"] for e in manifest["models"]] == sorted(e["macs"] for e in manifest["models"])
+    assert entries["LHH"]["mops"] < entries["BHH"]["mops"] and entries["LHH"]["params"] > 0
+    assert manifest["preprocess"] == PREPROCESS and manifest["input"]["shape"] == ["N", 3, 96, 96]
+
+    model = load_checkpoint(checkpoint).model
+    x = torch.randn(5, 3, 96, 96)  # another batch size than the export's: the batch axis is dynamic
+    for cfg, entry in entries.items():
+        assert entry["max_abs_diff"] < 1e-4 and entry["opset"] == 17
+        # Compare with the switching model, as evaluation runs it: LHH has its own BN statistics,
+        # so a graph exported with the shared ones would differ by far more than the tolerance.
+        with torch.no_grad(), model.using(cfg):
+            logits = model(x)
+        got_logits, got_score = _ort_outputs(tmp_path / entry["file"], x)
+        np.testing.assert_allclose(got_logits, logits.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got_score, torch.softmax(logits, 1)[:, 1].numpy(), rtol=0, atol=1e-5)
+    with torch.no_grad(), model.using("LHH"):
+        with_own = model(x)
+    model.clear_bn_stats()
+    with torch.no_grad(), model.using("LHH"):
+        assert (model(x) - with_own).abs().max() > 1e-2  # the check above could tell them apart
+
+
+def test_metadata_travels_in_the_file(checkpoint, tmp_path):
+    result = export_onnx(checkpoint, tmp_path / "m.onnx", config="pta-bhl")
+    assert result["config"] == "BHL" and result["model"] == "PTA-BHL"
+    assert result["size_bytes"] == (tmp_path / "m.onnx").stat().st_size > 1_000_000
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["config"] == "BHL" and meta["preprocess"] == PREPROCESS
+    assert meta["labels"] == {0: "live", 1: "spoof"} and meta["arch"]["config"] == "BHL"
+    # A deployment without ptanet reads the same facts with onnx alone.
+    proto = onnx.load(tmp_path / "m.onnx")
+    props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+    assert props["config"] == "BHL" and props["preprocess"] == PREPROCESS
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["logits", "spoof_score"]
+    assert {o.domain: o.version for o in proto.opset_import}.get("", None) == 17
+
+
+def test_baseline_fixed_batch_and_other_opset(tmp_path):
+    torch.manual_seed(1)
+    model = mobilenet_v2().eval()
+    result = export_onnx(model, tmp_path / "base.onnx", opset=13, dynamic_batch=False)
+    assert result["config"] is None and result["model"] == "No PTA" and result["opset"] == 13
+    meta = read_metadata(tmp_path / "base.onnx")
+    assert meta["config"] is None and meta["preprocess"] == Preprocess().to_dict()  # a bare model: defaults
+    session = ortsession(tmp_path / "base.onnx")
+    assert session.get_inputs()[0].shape == [1, 3, 128, 128]
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(["logits"], {"image": x.numpy()})[0], model(x).numpy(), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="No PTA baseline"):
+        export_onnx(model, tmp_path / "x.onnx", config="HHH")
+    with pytest.raises(ValueError, match="no PTA blocks"):
+        export_all(model, tmp_path, ["HHH"])
+
+
+def test_bad_config_names_the_allowed_letters(checkpoint, tmp_path):
+    ck = load_checkpoint(checkpoint)
+    for bad in ("HHX", "HH", "HHHH", "fast"):
+        with pytest.raises(ValueError, match=r"H \(heavy\), L \(light\) or B \(both\)"):
+            export_onnx(ck, tmp_path / "m.onnx", config=bad)
+        with pytest.raises(ValueError, match=r"H \(heavy\)"):
+            export_all(ck, tmp_path, ["HHH", bad])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_leaves_no_file(checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "m.onnx").write_bytes(b"previous export")
+    monkeypatch.setattr(export, "VERIFY_TOLERANCE", 0.0)  # nothing can pass
+    with pytest.raises(RuntimeError, match=r"m\.onnx.*onnxruntime and PyTorch outputs differ"):
+        export_onnx(checkpoint, tmp_path / "m.onnx", config="LLL")
+    # The previous file is untouched and no temporary file is left.
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"previous export"
+
+
+def test_ortsession_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        ortsession(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk.onnx: onnxruntime cannot load"):
+        ortsession(tmp_path / "junk.onnx")
