@@ -110,6 +110,15 @@ def test_resumes_after_an_interruption(tiny_items, tmp_path):
     assert_cache_matches(CropCache(tmp_path / "c"), tiny_items[:2] + tiny_items[3:], SMALL)
 
 
+def test_unusable_progress_restarts_from_scratch(tiny_items, tmp_path):
+    prepare_cache(tiny_items, tmp_path / "c", SMALL, workers=0, progress=False, chunk_size=4,
+                  _stop_after_chunks=1)
+    (tmp_path / "c" / "progress.json").write_text("{truncated")
+    report = prepare_cache(tiny_items, tmp_path / "c", SMALL, workers=0, progress=False)
+    assert report.resumed_from == 0 and report.n_processed == 20
+    assert_cache_matches(CropCache(tmp_path / "c"), tiny_items, SMALL)
+
+
 def test_resumes_after_kill_9(tiny_items, tmp_path):
     """A real interruption: a child process preparing slowly is killed with SIGKILL mid-way."""
     cache_dir = tmp_path / "c"

@@ -11,7 +11,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each _add_* registers one subcommand and sets `func` to its handler.
     for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_evaluate, _add_report, _add_complexity,
-                _add_demo, _add_nuaa):
+                _add_export, _add_predict, _add_demo, _add_nuaa):
         add(sub)
     return parser
 
@@ -259,6 +259,51 @@ def _cmd_report(args) -> int:
     for name, path in write_report(args.runs, args.out, args.config).items():
         print(f"{name}: {path}")
     return 0
+
+
+# --- deployment ------------------------------------------------------------------------------------
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="ONNX files, one per configuration, verified against PyTorch")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="folder for model_<CONFIG>.onnx and manifest.json")
+    p.add_argument("--configs", help="paper (default), all, or a list like HHH,LLL (ignored for No PTA)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    import json
+
+    from ptanet.export import export_all
+
+    manifest = export_all(args.checkpoint, args.out, configs=args.configs, opset=args.opset, dynamic_batch=not args.static_batch)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="live/spoof scores for images (a checkpoint or an exported .onnx)")
+    p.add_argument("model", help="checkpoint (.pt) or ONNX file")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--config", help="PTA configuration to run (default: the model's)")
+    p.add_argument("--detect", help="find the face: haar (bundled with OpenCV) or yunet:PATH.onnx")
+    p.add_argument("--no-box-files", action="store_true", help="ignore <image>_BB.txt boxes beside the images")
+    p.add_argument("--threshold", type=float, default=0.5, help="spoof if score >= threshold (default: 0.5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_format(p)
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    from ptanet.infer import Predictor
+
+    predictor = Predictor(args.model, config=args.config, detect=args.detect, threshold=args.threshold,
+                          box_files=not args.no_box_files)
+    rows = predictor.predict_paths(args.images, batch_size=args.batch_size)
+    _print_table(rows, [("path", "Image", "str"), ("label", "Label", "str"), ("score", "Spoof score", "f3"),
+                        ("config", "Config", "str"), ("box_source", "Box", "str"), ("error", "Error", "str")], args.format)
+    return 1 if any(r.get("error") for r in rows) else 0
 
 
 # --- whole experiments ----------------------------------------------------------------------------

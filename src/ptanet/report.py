@@ -218,13 +218,14 @@ def speed_quality_plot(rows: Sequence[dict[str, Any]], out_png: str | Path) -> P
 
 
 def _pick_table3_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Threshold 0.5 rows only; prefer recalibrated BN statistics, else shared."""
+    """Threshold 0.5 rows only; prefer recalibrated BN statistics, else shared; the baseline's rows
+    (no PTA block, so no BN choice: bn "n/a") are taken as they are."""
     at_half = [r for r in rows if str(r.get("threshold_rule")) == "0.5"]
     for bn in ("recalibrated", "shared"):
         for r in at_half:
             if r.get("bn") == bn:
                 return r
-    return None
+    return at_half[0] if at_half else None
 
 
 def speed_quality_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 from collections import Counter
@@ -40,10 +39,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from ptanet.data.augment import make_train_augment
-from ptanet.data.celeba import (Item, LoadResult, Reason, Skipped, count_summary, describe_split,
+from ptanet.data.celeba import (Item, Reason, Skipped, count_summary, describe_split,
                                 load_celeba, load_folder, split_train_val)
 from ptanet.data.detect import make_detector, parse_detect_spec
 from ptanet.data.preprocess import EmptyBoxError, ImageReadError, Preprocess, read_image_rgb
+from ptanet.data.workers import pool_context
 
 FORMAT_VERSION = 1
 CROPS, INDEX, META, PROGRESS = "crops.npy", "index.json", "meta.json", "progress.json"
@@ -193,6 +193,9 @@ def prepare_cache(items: list[Item], cache_dir: str | os.PathLike, preprocess: P
     `workers` processes decode in parallel (0 = in this process). With `detect`, items without a box get
     the largest face the detector finds (none found: skipped). Unreadable images are skipped and
     reported. `_stop_after_chunks` is a test hook that stops early as an interruption would.
+
+    Workers start with forkserver (spawn on Windows), so a script calling this with workers > 0 needs
+    the usual `if __name__ == "__main__":` guard; the `ptanet` command and `python -m ptanet` have it.
     """
     if not items:
         raise ValueError(f"{cache_dir}: no items to cache")
@@ -216,20 +219,21 @@ def prepare_cache(items: list[Item], cache_dir: str | os.PathLike, preprocess: P
                              n_processed, workers, bytes_on_disk(cache_dir), reused, resumed_from,
                              complete, labels)
 
-    if same and meta.get("complete"):
+    if same and meta.get("complete") and (cache_dir / INDEX).is_file():
         skipped = [Skipped(**s) for s in meta["skipped"]]
         return report(0, n_items, True, True, skipped, meta["n_cached"])
 
     crops = None
     if same and isinstance(state, dict):
         try:
-            crops = np.lib.format.open_memmap(cache_dir / CROPS, mode="r+")
             skipped_at = _skipped_from(state, items)
             n_done, n_written = int(state["n_done"]), int(state["n_written"])
-            if crops.shape != (n_items, size, size, 3) or n_done - len(skipped_at) != n_written:
-                crops = None
+            shape = np.load(cache_dir / CROPS, mmap_mode="r").shape
+            if (shape == (n_items, size, size, 3) and 0 <= n_done <= n_items
+                    and n_done - len(skipped_at) == n_written):
+                crops = np.lib.format.open_memmap(cache_dir / CROPS, mode="r+")
         except (OSError, ValueError, KeyError, IndexError, TypeError):
-            crops = None
+            pass
     if crops is None:  # new, changed or unusable: start from scratch
         _clear(cache_dir)
         crops = np.lib.format.open_memmap(cache_dir / CROPS, mode="w+", dtype=np.uint8,
@@ -250,7 +254,7 @@ def prepare_cache(items: list[Item], cache_dir: str | os.PathLike, preprocess: P
     starts = list(range(n_done, n_items, chunk_size))
     tasks = ([(it.path, it.box224) for it in items[s:s + chunk_size]] for s in starts)
     cropper = _Cropper(preprocess, detect)
-    pool = multiprocessing.Pool(workers, initializer=_init_worker) if workers > 0 else None
+    pool = pool_context(__name__).Pool(workers, initializer=_init_worker) if workers > 0 else None
     stopped = False
     last_flush = time.monotonic()
     try:

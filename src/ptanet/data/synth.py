@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -45,6 +44,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from ptanet.data.workers import pool_context
 
 __all__ = [
     "SynthSummary",
@@ -809,8 +810,7 @@ def write_synth(out_dir: str | os.PathLike, n_subjects_train: int = 24, n_subjec
                 if bar is not None:
                     bar.update(1)
         else:
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(n_workers, initializer=_init_worker) as pool:
+            with pool_context(__name__).Pool(n_workers, initializer=_init_worker) as pool:
                 for _ in pool.imap_unordered(_work, tasks, chunksize=16):
                     if bar is not None:
                         bar.update(1)

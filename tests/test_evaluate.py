@@ -1,0 +1,68 @@
+"""Table 3 from checkpoints: rows per configuration, BN mode and threshold rule; the CLI around it."""
+
+import json
+
+import pytest
+
+from ptanet.cli import main
+from ptanet.engine import resolve_settings, train
+from ptanet.evaluate import evaluate_checkpoints, select, table3_markdown, write_table3
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    ckpts = {}
+    for arch in ("pta_mobilenet_v2", "mobilenet_v2"):
+        s = resolve_settings(data=str(tiny_synth), out=str(out / arch), cache=str(out / "cache"), arch=arch, size=32,
+                             batch_size=4, epochs=1, val_configs=["HHH"], bn_configs=["LLL", "BBB"], bn_images=8,
+                             prepare_workers=0)
+        ckpts[arch] = train(s, progress=False, log=lambda *_: None).best_checkpoint
+    return ckpts
+
+
+def test_rows_per_config_bn_mode_and_threshold(tiny_runs, tmp_path):
+    rows = evaluate_checkpoints([tiny_runs["pta_mobilenet_v2"], tiny_runs["mobilenet_v2"]], ["HHH", "LLL", "BBB"],
+                                progress=False, log=lambda *_: None)
+    pta = [r for r in rows if r["config"]]
+    assert len(pta) == 3 * 2 * 2  # configs x {recalibrated, shared} x {0.5, eer@val}
+    assert {(r["bn"], r["threshold_rule"]) for r in pta} == {(b, t) for b in ("recalibrated", "shared") for t in ("0.5", "eer@val")}
+    base = [r for r in rows if r["config"] is None]
+    assert [r["model"] for r in base] == ["No PTA", "No PTA"]
+    for r in rows:
+        assert 0 <= r["acer"] <= 1 and r["n"] == 8
+        assert r["apcer_paper_formula"] == r["bpcer"] and r["bpcer_paper_formula"] == r["apcer"]
+    # HHH has no stored statistics of its own here, so both BN modes give the same numbers for it;
+    # LLL has its own, and they change the scores.
+    hhh = {r["bn"]: r["auc"] for r in select(rows, "0.5", "recalibrated") + select(rows, "0.5", "shared") if r["config"] == "HHH"}
+    assert hhh["recalibrated"] == hhh["shared"]
+    picked = select(rows)
+    assert {r["bn"] for r in picked if r["config"]} == {"recalibrated"} and len(picked) == 4
+    md = table3_markdown(rows)
+    assert "per-configuration BatchNorm statistics" in md and "shared BatchNorm statistics (paper)" in md
+    assert "| PTA-LLL |" in md and "| No PTA |" in md
+    paths = write_table3(rows, tmp_path)
+    assert len(json.loads(paths["json"].read_text())) == len(rows)
+    assert paths["csv"].read_text().count("\n") == len(rows) + 1
+
+
+def test_no_bn_recalibration_gives_paper_rows_only(tiny_runs):
+    rows = evaluate_checkpoints([tiny_runs["pta_mobilenet_v2"]], ["LLL"], bn_recalibration=False, progress=False, log=lambda *_: None)
+    assert {r["bn"] for r in rows} == {"shared"} and len(rows) == 2
+
+
+def test_cli_evaluate_and_errors(tiny_runs, tmp_path, capsys):
+    assert main(["evaluate", str(tiny_runs["pta_mobilenet_v2"]), "--configs", "HHH,LLL", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| PTA-LLL |" in out and (tmp_path / "table3.csv").exists()
+    assert main(["evaluate", str(tiny_runs["pta_mobilenet_v2"]), "--configs", "HXH"]) == 2
+    assert "invalid PTA configuration 'HXH'" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
+
+
+def test_cli_complexity_json(capsys):
+    assert main(["complexity", "--configs", "LLL", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["No PTA", "PTA-LLL"]
+    assert rows[1]["mops"] == pytest.approx(87.84, abs=0.1)
