@@ -86,3 +86,15 @@ def tiny_synth(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "data"
     write_synth(root, n_subjects_train=3, n_subjects_test=1, images_per_subject=8, size=96, workers=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models on a shared 2-core machine: a second intra-op thread only adds contention
+    (several times slower under load), so tests that ask for this run PyTorch single-threaded."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -42,14 +42,7 @@ def _calibrated_pta(seed: int = 0):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small models on a shared 2-core machine: a second intra-op thread only adds contention
-    (several times slower under load), so these tests run PyTorch single-threaded."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from ptanet.infer import Predictor
 from ptanet.models import pta_mobilenet_v2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small models on a shared 2-core machine: a second intra-op thread only adds contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ TABLE5_COLUMNS: list[Column] = [
     ("model", "Configuration", "str"),
     ("epoch_time_min", "Epoch Training Time (m)", "f2"),
     ("train_time_h", "Overall Training Time (h)", "f2"),
+    ("epoch_time_median_min", "Median Epoch Time (m)", "f2"),
     ("best_accuracy", "Best Accuracy (%)", "pct"),
     ("best_acer", "Best ACER (%)", "pct"),
     ("best_epoch", "Best epoch", "int"),
@@ -153,6 +155,8 @@ def table5(runs: Iterable[Run], config: str = DEFAULT_PTA_CONFIG) -> list[dict[s
                 "epochs": len(run.history),
                 "epoch_time_min": sum(times) / len(times) / 60.0 if times else float("nan"),
                 "train_time_h": sum(times) / 3600.0 if times else float("nan"),
+                # The median resists epochs slowed by other work on a shared machine.
+                "epoch_time_median_min": statistics.median(times) / 60.0 if times else float("nan"),
                 "best_epoch": best_epoch,
                 "best_accuracy": _as_float(best.get("accuracy")),
                 "best_acer": _as_float(best.get("acer")),
