@@ -83,6 +83,9 @@ def test_folder_batches_with_a_corrupt_file(models, images):
     one_by_one = predictor.predict_paths([r["path"] for r in rows], batch_size=1)
     assert [r["score"] for r in one_by_one] == pytest.approx([r["score"] for r in rows], abs=1e-6)
     assert predictor.predict_image(images / "c_boxed.png")["score"] == pytest.approx(rows[2]["score"], abs=1e-6)
+    # Folders inside a list (as the command line passes them) expand too.
+    mixed = predictor.predict_paths([images / "e_flat.png", images], batch_size=4)
+    assert [Path(r["path"]).name for r in mixed] == ["e_flat.png"] + [Path(r["path"]).name for r in rows]
     missing = predictor.predict_image(images / "nope.png")
     assert missing["label"] is None and "nope.png" in missing["error"]
 

@@ -64,6 +64,7 @@ def _add_complexity(sub) -> None:
     p.add_argument("--size", type=int, default=128, help="input size in pixels (default: 128, the paper's)")
     p.add_argument("--latency", action="store_true", help="also measure CPU latency (batch 1, 1 thread)")
     p.add_argument("--runs", type=int, default=50, help="timed runs per model and round for --latency")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models for --latency (median taken)")
     p.add_argument("--out", help="also write OUT.md, OUT.json and OUT.csv")
     _add_format(p)
     p.set_defaults(func=_cmd_complexity)
@@ -77,7 +78,7 @@ def _cmd_complexity(args) -> int:
     rows = complexity_table(configs, size=args.size)
     columns = list(COMPLEXITY_COLUMNS)
     if args.latency:
-        latency = {r["model"]: r for r in latency_table(configs, size=args.size, runs=args.runs)}
+        latency = {r["model"]: r for r in latency_table(configs, size=args.size, runs=args.runs, rounds=args.rounds)}
         for row in rows:
             row.update({k: latency[row["model"]][k] for k in ("latency_ms", "relative_latency")})
         columns += LATENCY_COLUMNS

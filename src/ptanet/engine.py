@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ptanet.checkpoint import load_checkpoint, save_checkpoint
-from ptanet.data import CropCache, CropDataset, Preprocess, build_datasets
+from ptanet.data import CropDataset, Preprocess, build_datasets
 from ptanet.metrics import compute_metrics
 from ptanet.models import BASELINE_LABEL, MobileNetV2, PTAMobileNetV2, create_model, is_pta, parse_config, parse_configs
 

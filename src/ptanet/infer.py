@@ -209,7 +209,9 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(paths, (str, os.PathLike)):
-            paths = list_images(paths) if Path(paths).is_dir() else [paths]
+            paths = [paths]
+        # Folders expand to the images under them, wherever they stand in the list.
+        paths = [p for item in paths for p in (list_images(item) if Path(item).is_dir() else [item])]
         batch: list[str | os.PathLike] = []
         for path in [*paths, None]:
             if path is not None:
