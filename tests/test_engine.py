@@ -38,9 +38,19 @@ def test_sampler_same_seed_same_sequence():
     assert [one.sample() for _ in range(100)] == [two.sample() for _ in range(100)]
 
 
+def test_balanced_class_weights_by_hand():
+    # 3 live, 1 spoof: N / (2 N_c) = 4/6 and 4/2.
+    torch.testing.assert_close(engine.balanced_class_weights([0, 0, 0, 1]), torch.tensor([2 / 3, 2.0]))
+    with pytest.raises(ValueError, match="a class has no training images"):
+        engine.balanced_class_weights([1, 1])
+    with pytest.raises(ValueError, match="class_weights must be None or 'balanced'"):
+        resolve_settings(class_weights="inverse")
+
+
 def test_defaults_are_the_papers_and_precedence(tmp_path):
     s = TrainSettings()
     assert (s.epochs, s.batch_size, s.lr, s.size, s.arch) == (20, 32, 1e-4, 128, "pta_mobilenet_v2")
+    assert s.class_weights is None  # plain cross-entropy
     assert s.sampling == PAPER_SAMPLING and s.select_config == "HHH"
     yml = tmp_path / "s.yaml"
     yml.write_text("epochs: 5\nlr: 0.001\nval_configs: all\n")
@@ -73,7 +83,7 @@ def test_train_writes_run_folder_and_recalibrated_best(tiny_synth, tmp_path):
 
 
 def test_baseline_trains_with_same_command(tiny_synth, tmp_path):
-    s = tiny_settings(tiny_synth, tmp_path / "base", arch="mobilenet_v2", epochs=1)
+    s = tiny_settings(tiny_synth, tmp_path / "base", arch="mobilenet_v2", epochs=1, class_weights="balanced")
     result = train(s, progress=False, log=lambda *_: None)
     assert set(result.history[0]["val"]) == {"No PTA"}
     assert "config_counts" not in result.history[0]

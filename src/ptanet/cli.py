@@ -181,6 +181,8 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--width-mult", type=float)
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None)
+    p.add_argument("--class-weights", choices=("balanced",),
+                   help="weight the loss so live and spoof count alike (default: plain cross-entropy, the paper's)")
     p.add_argument("--sampling", help="training distribution, e.g. HHH=0.45,LHH=0.15,HLH=0.15,HHL=0.15,LLL=0.1 (Table 2)")
     p.add_argument("--val-configs", help="configurations validated each epoch: paper (default), all, or a list")
     p.add_argument("--select-config", help="the configuration whose validation ACER picks the best epoch (default: HHH)")
@@ -211,7 +213,7 @@ def _cmd_train(args) -> int:
     bn_configs = [] if args.bn_configs == "none" else args.bn_configs
     settings = resolve_settings(
         args.config_file, data=args.data, out=args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, width_mult=args.width_mult, augment=args.augment, sampling=_parse_sampling(args.sampling),
+        lr=args.lr, width_mult=args.width_mult, augment=args.augment, class_weights=args.class_weights, sampling=_parse_sampling(args.sampling),
         val_configs=args.val_configs, select_config=args.select_config, bn_configs=bn_configs, bn_images=args.bn_images,
         max_batches=args.max_batches, workers=args.workers, **_data_overrides(args),
     )

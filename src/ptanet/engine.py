@@ -52,6 +52,9 @@ class TrainSettings:
     size: int = 128
     seed: int = 0
     augment: bool = True  # colour jitter + ISO noise
+    # None: plain cross-entropy (the paper). "balanced": each class weighted by N / (2 N_class), so
+    # the loss, like ACER, counts live and spoof errors alike whatever the class ratio in train.
+    class_weights: str | None = None
     val_fraction: float = 0.2
     val_split: str = "subject"  # "random" reproduces the paper (it leaks identities into validation)
     sampling: dict[str, float] = field(default_factory=lambda: dict(PAPER_SAMPLING))
@@ -72,6 +75,8 @@ class TrainSettings:
             value = getattr(self, name)
             setattr(self, name, parse_configs(value) if isinstance(value, str) else [parse_config(c) for c in value])
         self.select_config = parse_config(self.select_config)
+        if self.class_weights not in (None, "balanced"):
+            raise ValueError(f"class_weights must be None or 'balanced', got {self.class_weights!r}")
         if self.val_split not in ("subject", "random"):
             raise ValueError(f"val_split must be 'subject' or 'random', got {self.val_split!r}")
         for name in ("epochs", "batch_size", "size"):
@@ -129,6 +134,14 @@ class ConfigSampler:
         config = self.configs[self.rng.choice(len(self.configs), p=self.p)]
         self.counts[config] += 1
         return config
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Tensor:
+    """``N / (num_classes * N_c)`` per class: every class contributes the same total weight."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    if (counts == 0).any():
+        raise ValueError(f"cannot balance classes: a class has no training images (counts {counts.tolist()})")
+    return torch.as_tensor(counts.sum() / (num_classes * counts), dtype=torch.float32)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -276,6 +289,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
     if is_pta(model):
         model.clear_bn_stats()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    loss_weight = balanced_class_weights(data["train"].labels) if settings.class_weights == "balanced" else None
     history: list[dict] = []
     start_epoch, best_epoch, best_acer = 1, 0, math.inf
     if resume and last_path.exists():
@@ -314,7 +328,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
             if config:
                 model.set_config(config)
             logits = model(images.contiguous(memory_format=CHANNELS_LAST))
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, weight=loss_weight)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"epoch {epoch}, batch {step + 1}{f' ({config})' if config else ''}: loss is {loss.item()}; "
