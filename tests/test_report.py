@@ -19,7 +19,7 @@ from ptanet.report import (
     table5,
     write_report,
 )
-from ptanet.tables import format_value, to_markdown, write_table
+from ptanet.tables import format_value, render, to_markdown, write_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -273,3 +273,15 @@ def test_no_pyplot_figures_left_open(runs, tmp_path):
         warnings.simplefilter("error")
         write_report(runs, tmp_path / "r2")
     assert plt.get_fignums() == []
+
+
+def test_render_prints_what_write_table_writes(tmp_path):
+    rows = [{"model": "PTA-LLL", "acer": float("nan"), "n": 3}]
+    columns = [("model", "Configuration", "str"), ("acer", "ACER (%)", "pct"), ("n", "N", "int")]
+    paths = write_table(rows, columns, tmp_path / "t")
+    assert render(rows, columns, "json") == paths["json"].read_text()
+    assert render(rows, columns, "csv") == paths["csv"].read_text() == "model,acer,n\nPTA-LLL,,3\n"
+    assert render(rows, columns, "markdown") == paths["md"].read_text()
+    assert '"acer": null' in render(rows, columns, "json")  # never the invalid JSON token NaN
+    with pytest.raises(ValueError, match="unknown table format 'xml'"):
+        render(rows, columns, "xml")

@@ -29,19 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_table(rows: list[dict], columns: list, fmt: str, out: str | None = None) -> None:
     """Print rows as markdown (people) or JSON/CSV (machines); optionally also write all three."""
-    import csv
-    import json
+    from ptanet.tables import render, write_table
 
-    from ptanet.tables import to_markdown, write_table
-
-    if fmt == "markdown":
-        print(to_markdown(rows, columns))
-    elif fmt == "json":
-        print(json.dumps(rows, indent=2))
-    else:
-        writer = csv.DictWriter(sys.stdout, fieldnames=[c[0] for c in columns], extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    print(render(rows, columns, fmt), end="")
     if out:
         paths = write_table(rows, columns, out)
         print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)

@@ -9,6 +9,7 @@ shows as "n/a": rows from different sources (e.g. a baseline without PTA fields)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -69,12 +70,36 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], out_base: str | Path) -> dict[str, Path]:
-    """Write ``out_base.md`` (formatted), ``.json`` (raw rows, every key, nan -> null) and ``.csv``.
+def to_json(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Raw rows, every key, nan -> null (valid JSON for programs)."""
+    return json.dumps(_json_safe(list(rows)), indent=2, allow_nan=False) + "\n"
 
-    The CSV holds the listed columns only, headed by their keys and with raw values (rates stay
-    fractions; missing/nan -> empty cell), so it can be read back without parsing percentages.
-    Returns {"md": path, "json": path, "csv": path}.
+
+def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """The listed columns, headed by their keys, raw values (rates stay fractions; missing -> empty)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([key for key, _, _ in columns])
+    for row in rows:
+        values = (_json_safe(row.get(key)) for key, _, _ in columns)
+        writer.writerow(["" if v is None else v for v in values])
+    return buffer.getvalue()
+
+
+def render(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], fmt: str) -> str:
+    """The table as "markdown", "json" or "csv" text."""
+    if fmt == "markdown":
+        return to_markdown(rows, columns)
+    if fmt == "json":
+        return to_json(rows)
+    if fmt == "csv":
+        return to_csv(rows, columns)
+    raise ValueError(f"unknown table format {fmt!r}; use markdown, json or csv")
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], out_base: str | Path) -> dict[str, Path]:
+    """Write ``out_base.md`` (formatted), ``.json`` (raw rows, every key, nan -> null) and ``.csv``
+    (see :func:`to_csv`). Returns {"md": path, "json": path, "csv": path}.
     """
     for _, _, fmt in columns:
         format_value(None, fmt)  # validate every format before writing anything
@@ -82,11 +107,6 @@ def write_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], ou
     base.parent.mkdir(parents=True, exist_ok=True)
     paths = {ext: base.with_name(base.name + "." + ext) for ext in ("md", "json", "csv")}
     paths["md"].write_text(to_markdown(rows, columns), encoding="utf-8")
-    paths["json"].write_text(json.dumps(_json_safe(list(rows)), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    with paths["csv"].open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow([key for key, _, _ in columns])
-        for row in rows:
-            values = (_json_safe(row.get(key)) for key, _, _ in columns)
-            writer.writerow(["" if v is None else v for v in values])
+    paths["json"].write_text(to_json(rows), encoding="utf-8")
+    paths["csv"].write_text(to_csv(rows, columns), encoding="utf-8", newline="")
     return paths
