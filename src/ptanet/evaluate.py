@@ -62,16 +62,13 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
         variants: list[tuple[str | None, str]] = [(None, "n/a")]
         if is_pta(model):
             bn_modes = ["recalibrated", "shared"] if bn_recalibration and model.bn_configs else ["shared"]
+            # Recalibrated rows first, with the stored statistics; then the paper's rows without them.
             variants = [(c, bn) for bn in bn_modes for c in configs]
-            stored = model.bn_stats()
         for config, bn in variants:
             if config is not None:
                 if bn == "shared":
                     model.clear_bn_stats()
-                else:
-                    for c, stats in stored.items():
-                        model.set_bn_stats(c, stats)
-                if bn == "recalibrated" and config not in stored:
+                elif config not in model.bn_configs:
                     log(f"{path}: no BatchNorm statistics stored for {config}; its 'recalibrated' row uses the shared ones")
                 model.set_config(config)
             val_scores, _ = predict(model, val)
