@@ -124,6 +124,37 @@ def test_augment_ranges_are_explicit_and_seeded_without_global_state():
     assert np.array_equal(np.random.get_state()[1], np_state) and random.getstate() == py_state
 
 
+def test_hflip_mirrors_some_crops_and_only_when_asked():
+    # Left half dark, right half bright: colour jitter and noise keep the sides, only a flip swaps them.
+    crop = np.zeros((32, 32, 3), np.uint8)
+    crop[:, 16:] = 200
+
+    def mirrored(augment) -> list[bool]:
+        outs = [augment(image=crop)["image"] for _ in range(40)]
+        return [o[:, :16].mean() > o[:, 16:].mean() for o in outs]
+
+    assert not any(mirrored(make_train_augment(seed=3)))
+    flips = mirrored(make_train_augment(seed=3, hflip=True))
+    assert 5 < sum(flips) < 35  # p = 0.5
+
+
+def test_affine_moves_or_scales_some_crops_and_only_when_asked():
+    crop = np.zeros((64, 64, 3), np.uint8)
+    crop[24:40, 24:40] = 255  # a bright square in the centre
+
+    def moved(augment) -> list[bool]:
+        out = []
+        for _ in range(40):
+            bright = augment(image=crop)["image"].mean(axis=2) > 128
+            ys, xs = np.nonzero(bright)
+            # ISO noise lights a few background pixels (centroid within 0.7 px, area 256-280 measured)
+            out.append(max(abs(ys.mean() - 31.5), abs(xs.mean() - 31.5)) > 1.5 or not 240 <= bright.sum() <= 300)
+        return out
+
+    assert not any(moved(make_train_augment(seed=4)))
+    assert 5 < sum(moved(make_train_augment(seed=4, affine=True))) < 40
+
+
 # --- detectors -------------------------------------------------------------------------------------
 def test_detector_specs_are_validated(tmp_path):
     with pytest.raises(ValueError, match="unknown face detector"):

@@ -118,6 +118,57 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_synth, tmp_path, monke
     assert full.history[-1]["train_loss"] == resumed.history[-1]["train_loss"]
 
 
+def test_cosine_schedule_decays_per_epoch_and_resumes_exactly(tiny_synth, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        resolve_settings(lr_schedule="step")
+    quiet = dict(progress=False, log=lambda *_: None)
+    kw = dict(epochs=3, bn_configs=[], lr_schedule="cosine", lr=1e-3, hflip=True, val_configs=["HHH"])
+    full = train(tiny_settings(tiny_synth, tmp_path / "full", **kw), **quiet)
+    # CosineAnnealingLR with T_max=3, stepped per epoch: lr * (1 + cos(pi * e / 3)) / 2 for e = 0, 1, 2.
+    assert [h["lr"] for h in full.history] == pytest.approx([1e-3, 0.75e-3, 0.25e-3])
+
+    real_sample = ConfigSampler.sample
+    calls = {"n": 0, "per_epoch": sum(full.history[0]["config_counts"].values())}
+
+    def dying_sample(self):
+        calls["n"] += 1
+        if calls["n"] == 2 * calls["per_epoch"] + 1:  # killed in epoch 3, after two scheduler steps
+            raise KeyboardInterrupt
+        return real_sample(self)
+
+    monkeypatch.setattr(ConfigSampler, "sample", dying_sample)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_settings(tiny_synth, tmp_path / "killed", **kw), **quiet)
+    monkeypatch.setattr(ConfigSampler, "sample", real_sample)
+    resumed = train(tiny_settings(tiny_synth, tmp_path / "killed", **kw), resume=True, **quiet)
+    assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history]
+    a = load_checkpoint(tmp_path / "full" / "last.pt").model.state_dict()
+    b = load_checkpoint(tmp_path / "killed" / "last.pt").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bn_augment_changes_only_the_recalibrated_statistics(tiny_synth, tmp_path):
+    quiet = dict(progress=False, log=lambda *_: None)
+    plain = load_checkpoint(train(tiny_settings(tiny_synth, tmp_path / "plain", epochs=1), **quiet).best_checkpoint)
+    aug = load_checkpoint(train(tiny_settings(tiny_synth, tmp_path / "aug", epochs=1, bn_augment=True), **quiet).best_checkpoint)
+    a, b = plain.model.state_dict(), aug.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same training; shared statistics untouched
+    assert aug.meta["settings"]["bn_augment"] is True
+    for config in ("LLL", "BBB"):
+        ours, theirs = plain.model.bn_stats()[config], aug.model.bn_stats()[config]
+        assert ours.keys() == theirs.keys()
+        assert not all(torch.equal(ours[n][0], theirs[n][0]) for n in ours)  # means differ
+
+
+def test_shipped_recipe_resolves(tmp_path):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "nuaa_tuned.yaml"
+    s = resolve_settings(str(recipe))
+    assert (s.val_split, s.val_fraction, s.bn_augment) == ("random", 0.1, True)
+    assert (s.epochs, s.lr, s.sampling) == (20, 1e-4, PAPER_SAMPLING)  # otherwise the paper's
+
+
 def test_non_finite_loss_stops_with_checkpoints_intact(tiny_synth, tmp_path, monkeypatch):
     s = tiny_settings(tiny_synth, tmp_path / "nan", epochs=1)
     train(s, progress=False, log=lambda *_: None)

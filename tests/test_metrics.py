@@ -16,6 +16,7 @@ from ptanet.metrics import (
     eer,
     eer_point,
     eer_threshold,
+    selection_key,
     tpr_at_fpr,
 )
 
@@ -221,3 +222,11 @@ def test_bad_spoof_types_and_target():
         tpr_at_fpr(SCORES, LABELS, 1.5)
     with pytest.raises(ValueError, match="threshold"):
         compute_metrics(SCORES, LABELS, threshold=float("nan"))
+
+
+def test_selection_key_breaks_acer_ties_by_loss_and_ranks_undefined_last():
+    epochs = {1: {"acer": 0.0, "loss": 0.30}, 2: {"acer": 0.0, "loss": 0.05}, 3: {"acer": 0.01, "loss": 0.01},
+              4: {"acer": float("nan"), "loss": 0.0}}
+    assert min(epochs, key=lambda e: selection_key(epochs[e])) == 2
+    assert selection_key({"acer": float("nan")}) == (float("inf"), float("inf"))
+    assert selection_key({"acer": 0.1}) < selection_key({"acer": float("nan"), "loss": 0.0})

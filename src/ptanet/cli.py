@@ -171,6 +171,11 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--width-mult", type=float)
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None)
+    p.add_argument("--hflip", action="store_const", const=True, default=None,
+                   help="add a random horizontal flip to the augmentations (not in the paper)")
+    p.add_argument("--affine", action="store_const", const=True, default=None,
+                   help="add a small random scale/shift/rotation to the augmentations (not in the paper)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="default: constant (the paper's)")
     p.add_argument("--class-weights", choices=("balanced",),
                    help="weight the loss so live and spoof count alike (default: plain cross-entropy, the paper's)")
     p.add_argument("--sampling", help="training distribution, e.g. HHH=0.45,LHH=0.15,HLH=0.15,HHL=0.15,LLL=0.1 (Table 2)")
@@ -178,6 +183,8 @@ def _add_train(sub) -> None:
     p.add_argument("--select-config", help="the configuration whose validation ACER picks the best epoch (default: HHH)")
     p.add_argument("--bn-configs", help="configurations that get their own BatchNorm statistics: paper (default), all, a list, or none")
     p.add_argument("--bn-images", type=int, help="training crops for BatchNorm recalibration (default: 1000)")
+    p.add_argument("--bn-augment", action="store_const", const=True, default=None,
+                   help="recalibrate BatchNorm on augmented crops, as the weights saw in training (default: plain crops)")
     p.add_argument("--max-batches", type=int, help="cap on batches per epoch (quick runs)")
     p.add_argument("--workers", type=int, help="DataLoader workers (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -203,8 +210,8 @@ def _cmd_train(args) -> int:
     bn_configs = [] if args.bn_configs == "none" else args.bn_configs
     settings = resolve_settings(
         args.config_file, data=args.data, out=args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, width_mult=args.width_mult, augment=args.augment, class_weights=args.class_weights, sampling=_parse_sampling(args.sampling),
-        val_configs=args.val_configs, select_config=args.select_config, bn_configs=bn_configs, bn_images=args.bn_images,
+        lr=args.lr, width_mult=args.width_mult, augment=args.augment, hflip=args.hflip, affine=args.affine, lr_schedule=args.lr_schedule, class_weights=args.class_weights, sampling=_parse_sampling(args.sampling),
+        val_configs=args.val_configs, select_config=args.select_config, bn_configs=bn_configs, bn_images=args.bn_images, bn_augment=args.bn_augment,
         max_batches=args.max_batches, workers=args.workers, **_data_overrides(args),
     )
     result = train(settings, resume=args.resume)
@@ -329,6 +336,8 @@ def _add_nuaa(sub) -> None:
     p.add_argument("--out", default="runs/nuaa")
     p.add_argument("--epochs", type=int, help="default: 20 (the paper's)")
     p.add_argument("--lr", type=float, help="default: 1e-4 (the paper's)")
+    p.add_argument("--config", dest="config_file",
+                   help="YAML file of training settings for both models, e.g. recipes/nuaa_tuned.yaml (default: the paper's)")
     p.set_defaults(func=_cmd_nuaa)
 
 
@@ -341,7 +350,7 @@ def _cmd_nuaa(args) -> int:
     if not data.is_dir():
         raise FileNotFoundError(f"{data}: nuaa-dev not found; pass --data")
     overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
-    written = run_experiment(data, args.out, overrides)
+    written = run_experiment(data, args.out, overrides, config_file=args.config_file)
     print((written["table3.md"]).read_text())
     _print_written(written)
     return 0

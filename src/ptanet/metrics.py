@@ -26,6 +26,7 @@ or a numpy warning, so a one-class batch can still be reported.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -268,3 +269,18 @@ def compute_metrics(
     else:
         result["apcer_per_type"], result["worst_type"] = apcer_per_type(s, spoof, spoof_types, threshold, type_names)
     return result
+
+
+def selection_key(val: dict) -> tuple[float, float]:
+    """How epochs are ranked for "best": lower validation ACER, then lower validation loss.
+
+    The loss breaks ties, which are common once a small validation set is classified perfectly;
+    without it the first epoch to get there would win, however far from converged. A missing or
+    undefined value ranks last.
+    """
+    def value(name: str) -> float:
+        v = val.get(name)
+        v = float("nan") if v is None else float(v)
+        return float("inf") if math.isnan(v) else v
+
+    return value("acer"), value("loss")

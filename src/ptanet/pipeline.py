@@ -31,15 +31,18 @@ DEMO_SYNTH: dict[str, Any] = {"n_subjects_train": 24, "n_subjects_test": 6, "ima
 
 
 def run_experiment(data: str | Path, out: str | Path, overrides: dict[str, Any] | None = None, configs: list[str] | None = None,
-                   latency_runs: int = 20, progress: bool = True, log=print) -> dict[str, Path]:
-    """Train both models on ``data`` into ``out/<arch>``, evaluate, and write the paper's tables."""
+                   latency_runs: int = 20, progress: bool = True, log=print, config_file: str | Path | None = None) -> dict[str, Path]:
+    """Train both models on ``data`` into ``out/<arch>``, evaluate, and write the paper's tables.
+
+    Settings: the paper's defaults, then ``config_file`` (YAML, e.g. ``recipes/nuaa_tuned.yaml``),
+    then ``overrides``; both models get the same ones."""
     out = Path(out)
     configs = configs or parse_configs("paper")
     overrides = dict(overrides or {})
     timings: dict[str, float] = {}
     checkpoints = {}
     for arch in ARCHS:
-        settings = resolve_settings(**{**overrides, "data": str(data), "out": str(out / arch), "arch": arch, "cache": str(out / "cache")})
+        settings = resolve_settings(config_file, **{**overrides, "data": str(data), "out": str(out / arch), "arch": arch, "cache": str(out / "cache")})
         t0 = time.perf_counter()
         log(f"== training {arch} on {data} ({settings.epochs} epochs) -> {settings.out}")
         checkpoints[arch] = train(settings, resume=True, progress=progress, log=log).best_checkpoint

@@ -28,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ptanet.metrics import selection_key
 from ptanet.tables import Column, write_table
 
 ARCH_LABELS = {"mobilenet_v2": "MobileNetV2", "pta_mobilenet_v2": "MobileNetV2+PTA"}
@@ -137,8 +138,8 @@ def table5(runs: Iterable[Run], config: str = DEFAULT_PTA_CONFIG) -> list[dict[s
     """Rows of paper Table 5: training time per epoch (minutes, mean) and overall (hours, sum), best quality.
 
     Best accuracy and best ACER are both taken at ONE epoch: the one with the lowest validation ACER
-    of the selection configuration (``config`` for PTA runs, "No PTA" for the baseline; first such
-    epoch on ties), i.e. the checkpoint one would select. They are validation numbers, so they will
+    of the selection configuration (``config`` for PTA runs, "No PTA" for the baseline; ties go to
+    the lower validation loss, as in training: ``metrics.selection_key``), i.e. the checkpoint one would select. They are validation numbers, so they will
     not match the paper's PTA row, which quotes the best *test* values over all configurations of
     Table 3 (accuracy from LLL, ACER from BBB). Missing values are nan.
     """
@@ -146,7 +147,7 @@ def table5(runs: Iterable[Run], config: str = DEFAULT_PTA_CONFIG) -> list[dict[s
     for run in runs:
         times = [float(h["epoch_time_s"]) for h in run.history if h.get("epoch_time_s") is not None]
         series = [(e, v) for e, v in run.val_series(config) if not math.isnan(_as_float(v.get("acer")))]
-        best_epoch, best = min(series, key=lambda ev: float(ev[1]["acer"])) if series else (None, {})
+        best_epoch, best = min(series, key=lambda ev: selection_key(ev[1])) if series else (None, {})
         rows.append(
             {
                 "model": run.label,
