@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo nuaa nuaa-tuned clean
+.PHONY: install test test-slow demo nuaa clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,6 @@ demo: $(STAMP)
 
 nuaa: $(STAMP)
 	$(BIN)/ptanet nuaa --out runs/nuaa
-
-# The paper's recipe with the changes in recipes/nuaa_tuned.yaml (README, "Real data: nuaa-dev").
-nuaa-tuned: $(STAMP)
-	$(BIN)/ptanet nuaa --out runs/nuaa-tuned --config recipes/nuaa_tuned.yaml
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

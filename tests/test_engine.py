@@ -160,10 +160,27 @@ def test_bn_augment_changes_only_the_recalibrated_statistics(tiny_synth, tmp_pat
         assert not all(torch.equal(ours[n][0], theirs[n][0]) for n in ours)  # means differ
 
 
+def test_recalibrate_checkpoint_equals_recalibration_in_training(tiny_synth, tmp_path):
+    quiet = dict(progress=False, log=lambda *_: None)
+    in_training = train(tiny_settings(tiny_synth, tmp_path / "a", epochs=1, bn_augment=True, bn_configs=["LLL"]), **quiet)
+    without = train(tiny_settings(tiny_synth, tmp_path / "b", epochs=1, bn_configs=[]), **quiet)
+    before = (tmp_path / "b" / "best.pt").read_bytes()
+    out = engine.recalibrate_checkpoint(without.best_checkpoint, tmp_path / "b" / "recal.pt", configs=["lll"], augment=True, **quiet)
+    assert (tmp_path / "b" / "best.pt").read_bytes() == before  # the original is untouched
+    a, b = load_checkpoint(in_training.best_checkpoint), load_checkpoint(out)
+    assert b.model.bn_configs == ["LLL"] and b.meta["bn_recalibration"] == {"configs": ["LLL"], "images": 8, "augment": True}
+    assert a.meta["bn_recalibration"] == b.meta["bn_recalibration"]
+    for n, (mean, var) in a.model.bn_stats()["LLL"].items():
+        torch.testing.assert_close(b.model.bn_stats()["LLL"][n], (mean, var))
+    base = train(tiny_settings(tiny_synth, tmp_path / "c", epochs=1, arch="mobilenet_v2"), **quiet)
+    with pytest.raises(ValueError, match="has no configurations to recalibrate"):
+        engine.recalibrate_checkpoint(base.best_checkpoint, **quiet)
+
+
 def test_shipped_recipe_resolves(tmp_path):
     from pathlib import Path
 
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "nuaa_tuned.yaml"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "nuaa_all_subjects.yaml"
     s = resolve_settings(str(recipe))
     assert (s.val_split, s.val_fraction, s.bn_augment) == ("random", 0.1, True)
     assert (s.epochs, s.lr, s.sampling) == (20, 1e-4, PAPER_SAMPLING)  # otherwise the paper's

@@ -10,7 +10,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptanet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each _add_* registers one subcommand and sets `func` to its handler.
-    for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_evaluate, _add_report, _add_complexity,
+    for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_recalibrate, _add_evaluate, _add_report, _add_complexity,
                 _add_export, _add_predict, _add_demo, _add_nuaa):
         add(sub)
     return parser
@@ -219,6 +219,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_recalibrate(sub) -> None:
+    p = sub.add_parser("recalibrate", help="re-estimate a trained PTA checkpoint's per-configuration BatchNorm statistics",
+                       description="What training does at its end, again, with other settings (default: the checkpoint's own).")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", help="write here instead of over the checkpoint")
+    p.add_argument("--configs", help="paper, all, or a list like HHH,LLL (default: the checkpoint's bn_configs)")
+    p.add_argument("--bn-images", type=int, help="training crops to use")
+    p.add_argument("--bn-augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="augmented crops (colour jitter, ISO noise, flip) or plain ones")
+    p.set_defaults(func=_cmd_recalibrate)
+
+
+def _cmd_recalibrate(args) -> int:
+    from ptanet.engine import recalibrate_checkpoint
+    from ptanet.models import parse_configs
+
+    configs = parse_configs(args.configs) if args.configs else None
+    print(recalibrate_checkpoint(args.checkpoint, args.out, configs, args.bn_images, args.bn_augment))
+    return 0
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="paper Table 3 for checkpoints on their test split")
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (e.g. RUN/best.pt); several make one table")
@@ -337,7 +358,7 @@ def _add_nuaa(sub) -> None:
     p.add_argument("--epochs", type=int, help="default: 20 (the paper's)")
     p.add_argument("--lr", type=float, help="default: 1e-4 (the paper's)")
     p.add_argument("--config", dest="config_file",
-                   help="YAML file of training settings for both models, e.g. recipes/nuaa_tuned.yaml (default: the paper's)")
+                   help="YAML file of training settings for both models, e.g. recipes/nuaa_all_subjects.yaml (default: the paper's)")
     p.set_defaults(func=_cmd_nuaa)
 
 

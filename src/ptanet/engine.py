@@ -240,6 +240,44 @@ def recalibrate_bn(model: PTAMobileNetV2, dataset: CropDataset, configs: Iterabl
         model.eval()
 
 
+def _recalibrate_and_save(ck, path: Path, train_cache, configs: list[str], num_images: int, augment: bool, seed: int,
+                          progress: bool, log) -> None:
+    log(f"re-estimating BatchNorm statistics for {len(configs)} configurations on {num_images} "
+        f"{'augmented' if augment else 'plain'} training crops")
+    crops = CropDataset(train_cache, Preprocess.from_dict(ck.preprocess), augment=augment, hflip=True, seed=seed)
+    active = ck.model.config
+    recalibrate_bn(ck.model, crops, configs, num_images, seed=seed, progress=progress)
+    ck.model.set_config(active)
+    meta = {**ck.meta, "bn_recalibration": {"configs": list(configs), "images": num_images, "augment": augment}}
+    save_checkpoint(path, ck.model, ck.preprocess, meta=meta)
+
+
+def recalibrate_checkpoint(path: str | Path, out: str | Path | None = None, configs: Iterable[str] | None = None,
+                           num_images: int | None = None, augment: bool | None = None, progress: bool = True,
+                           log=print) -> Path:
+    """Re-estimate a trained PTA checkpoint's per-configuration BatchNorm statistics (what training
+    does at its end) with other settings, e.g. ``augment=True`` for a model trained without
+    ``bn_augment``. Uses the training crops of the data the checkpoint was trained on; ``None``
+    arguments keep the checkpoint's own settings. Writes ``out`` (default: ``path`` itself,
+    atomically); the weights and shared statistics are unchanged.
+    """
+    path = Path(path)
+    ck = load_checkpoint(path)
+    if not is_pta(ck.model):
+        raise ValueError(f"{path}: a {type(ck.model).__name__} has no configurations to recalibrate")
+    settings = resolve_settings(**ck.meta.get("settings", {}))
+    if not settings.data:
+        raise ValueError(f"{path}: the checkpoint names no training data to recalibrate on")
+    configs = settings.bn_configs if configs is None else [parse_config(c) for c in configs]
+    if not configs:
+        raise ValueError(f"{path}: no configurations to recalibrate")
+    data = load_data(settings, progress)
+    out = Path(out) if out else path
+    _recalibrate_and_save(ck, out, data["train"], configs, settings.bn_images if num_images is None else num_images,
+                          settings.bn_augment if augment is None else augment, settings.seed, progress, log)
+    return out
+
+
 # --- training --------------------------------------------------------------------------------------
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
@@ -407,9 +445,6 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
         save_checkpoint(best_path, model, preprocess.to_dict(), meta={**meta, "epoch": settings.epochs, "val": history[-1]["val"] if history else {}})
     best = load_checkpoint(best_path)
     if is_pta(best.model) and settings.bn_configs and settings.bn_images > 0:
-        log(f"re-estimating BatchNorm statistics for {len(settings.bn_configs)} configurations on {settings.bn_images} training crops")
-        crops = CropDataset(data["train"], preprocess, augment=settings.bn_augment, hflip=True, seed=settings.seed)
-        recalibrate_bn(best.model, crops, settings.bn_configs, settings.bn_images, seed=settings.seed, progress=progress)
-        best.model.set_config(settings.select_config)
-        save_checkpoint(best_path, best.model, best.preprocess, meta=best.meta)
+        _recalibrate_and_save(best, best_path, data["train"], settings.bn_configs, settings.bn_images,
+                              settings.bn_augment, settings.seed, progress, log)
     return TrainResult(run, best_path, best.meta.get("epoch", best_epoch), best.meta.get("val", {}), history)

@@ -34,7 +34,7 @@ def run_experiment(data: str | Path, out: str | Path, overrides: dict[str, Any] 
                    latency_runs: int = 20, progress: bool = True, log=print, config_file: str | Path | None = None) -> dict[str, Path]:
     """Train both models on ``data`` into ``out/<arch>``, evaluate, and write the paper's tables.
 
-    Settings: the paper's defaults, then ``config_file`` (YAML, e.g. ``recipes/nuaa_tuned.yaml``),
+    Settings: the paper's defaults, then ``config_file`` (YAML, e.g. ``recipes/nuaa_all_subjects.yaml``),
     then ``overrides``; both models get the same ones."""
     out = Path(out)
     configs = configs or parse_configs("paper")
