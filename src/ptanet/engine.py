@@ -363,7 +363,9 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         history = list(state["history"])
-        start_epoch, best_epoch, best_key = state["epoch"] + 1, state["best_epoch"], tuple(state["best_key"])
+        # Runs started before ties were broken by loss stored only "best_acer".
+        best_key = tuple(state["best_key"]) if "best_key" in state else (state["best_acer"], math.inf)
+        start_epoch, best_epoch = state["epoch"] + 1, state["best_epoch"]
         log(f"resuming {run} after epoch {state['epoch']}")
     # The checkpoint is the truth: rewrite the history it knows (drops a line from a killed epoch).
     history_path.write_text("".join(json.dumps(h) + "\n" for h in history))

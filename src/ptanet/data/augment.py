@@ -25,11 +25,11 @@ def make_train_augment(seed: int | None = None, hflip: bool = False, affine: boo
     """Compose of ColorJitter and ISONoise, each applied with p=0.5, to uint8 HxWx3 RGB crops;
     with ``hflip`` also a horizontal flip with p=0.5.
 
-    The paper names only the first two. The flip is offered because a model trained without it
-    learns left/right-asymmetric cues: on nuaa-dev, averaging the No PTA model's scores over the
-    image and its mirror raised test ACER from 4.2 % to 9.7 %, a sign of cues that do not carry over
-    to new faces. Live and spoof are both symmetric under mirroring, so the flip adds no label noise.
-    ``affine`` adds ``AFFINE`` with p=0.5.
+    The paper names only the first two. A model trained without the flip is not mirror-invariant
+    (on nuaa-dev, averaging the No PTA model's scores over each image and its mirror raised test
+    ACER from 4.2 % to 9.7 %), which is why the flip is offered; yet training with it made nuaa-dev
+    test ACER worse in both runs that tried it (README), so it stays off by default.
+    ``affine`` adds ``AFFINE`` with p=0.5 (did not help on nuaa-dev either).
 
     Call it as `augment(image=crop)["image"]`; the result is uint8 of the same shape. The Compose has its
     own random state (`seed`), independent of numpy's, Python's and torch's global generators, so
