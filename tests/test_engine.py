@@ -186,6 +186,21 @@ def test_shipped_recipe_resolves(tmp_path):
     assert (s.epochs, s.lr, s.sampling) == (20, 1e-4, PAPER_SAMPLING)  # otherwise the paper's
 
 
+def test_resumes_a_run_saved_before_the_loss_tie_break(tiny_synth, tmp_path):
+    from ptanet.checkpoint import save_checkpoint
+
+    quiet = dict(progress=False, log=lambda *_: None)
+    s = tiny_settings(tiny_synth, tmp_path / "old", epochs=1, bn_configs=[])
+    train(s, **quiet)
+    last = load_checkpoint(tmp_path / "old" / "last.pt")
+    state = dict(last.train_state)
+    state["best_acer"] = state.pop("best_key")[0]  # the layout written before best_key existed
+    save_checkpoint(tmp_path / "old" / "last.pt", last.model, last.preprocess, last.meta, train_state=state)
+    resumed = train(tiny_settings(tiny_synth, tmp_path / "old", epochs=2, bn_configs=[]), resume=True, **quiet)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert "best_key" in load_checkpoint(tmp_path / "old" / "last.pt").train_state
+
+
 def test_non_finite_loss_stops_with_checkpoints_intact(tiny_synth, tmp_path, monkeypatch):
     s = tiny_settings(tiny_synth, tmp_path / "nan", epochs=1)
     train(s, progress=False, log=lambda *_: None)
