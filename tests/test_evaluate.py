@@ -61,6 +61,26 @@ def test_cli_evaluate_and_errors(tiny_runs, tmp_path, capsys):
     assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
 
 
+def test_validation_split_measures_the_validation_part(tiny_runs, tmp_path, capsys):
+    from ptanet.checkpoint import load_checkpoint
+    from ptanet.data import CropDataset, Preprocess
+    from ptanet.engine import load_data, predict
+    from ptanet.metrics import compute_metrics
+
+    rows = evaluate_checkpoints([tiny_runs["mobilenet_v2"]], split="val", progress=False, log=lambda *_: None)
+    ck = load_checkpoint(tiny_runs["mobilenet_v2"])
+    val = load_data(resolve_settings(**ck.meta["settings"]), progress=False)["val"]
+    scores, _ = predict(ck.model, CropDataset(val, Preprocess.from_dict(ck.preprocess)))
+    expected = compute_metrics(scores, val.labels, 0.5)
+    row = select(rows)[0]
+    assert row["split"] == "val" and row["n"] == len(val) and row["acer"] == expected["acer"]
+    assert table3_markdown(rows).startswith("### Validation, threshold 0.5")
+    with pytest.raises(ValueError, match="unknown split 'train'"):
+        evaluate_checkpoints([tiny_runs["mobilenet_v2"]], split="train", progress=False, log=lambda *_: None)
+    assert main(["evaluate", str(tiny_runs["mobilenet_v2"]), "--split", "val", "--out", str(tmp_path)]) == 0
+    assert "### Validation" in capsys.readouterr().out
+
+
 def test_cli_complexity_json(capsys):
     assert main(["complexity", "--configs", "LLL", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -247,7 +247,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data", help="evaluate on this data root instead of the one the checkpoint was trained on")
     p.add_argument("--no-bn-recalibration", action="store_true",
                    help="only the shared BatchNorm statistics (reproduces the paper exactly)")
-    p.add_argument("--out", help="folder for table3.md/json/csv (default: next to the first checkpoint, eval/)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="measure the test split (default) or the validation part, to compare ideas without test")
+    p.add_argument("--out", help="folder for table3.md/json/csv (default: next to the first checkpoint, eval/ or eval-val/)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -258,8 +260,8 @@ def _cmd_evaluate(args) -> int:
     from ptanet.models import parse_configs
 
     rows = evaluate_checkpoints(args.checkpoints, parse_configs(args.configs), data=args.data,
-                                bn_recalibration=not args.no_bn_recalibration)
-    out = Path(args.out) if args.out else Path(args.checkpoints[0]).parent / "eval"
+                                bn_recalibration=not args.no_bn_recalibration, split=args.split)
+    out = Path(args.out) if args.out else Path(args.checkpoints[0]).parent / ("eval" if args.split == "test" else "eval-val")
     paths = write_table3(rows, out)
     print(table3_markdown(rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -29,21 +29,28 @@ TABLE3_COLUMNS = [
     ("bpcer_paper_formula", "BPCER, paper formula (%)", "pct"),
 ]
 ALL_COLUMNS = [
-    ("model", "model", "str"), ("config", "config", "str"), ("bn", "bn", "str"),
+    ("model", "model", "str"), ("config", "config", "str"), ("bn", "bn", "str"), ("split", "split", "str"),
     ("threshold_rule", "threshold_rule", "str"), ("threshold", "threshold", "f3"),
     *TABLE3_COLUMNS[1:], ("eer", "eer", "pct"), ("tpr@fpr=1e-2", "tpr@fpr=1e-2", "pct"),
     ("worst_type", "worst_type", "str"), ("n", "n", "int"), ("checkpoint", "checkpoint", "str"),
 ]
 
 
+SPLITS = {"test": "Test", "val": "Validation"}
+
+
 def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[str] | None = None, data: str | None = None,
-                         bn_recalibration: bool = True, progress: bool = True, log=print) -> list[dict[str, Any]]:
+                         bn_recalibration: bool = True, progress: bool = True, log=print,
+                         split: str = "test") -> list[dict[str, Any]]:
     """Table 3 rows for each checkpoint: the baseline gives one model row, a PTA model one per
     configuration (and BN mode); each at threshold 0.5 and at the validation EER threshold.
 
     The data (root, split, cache) are those the checkpoint was trained with, unless ``data`` names
-    another root.
+    another root. ``split="val"`` measures the validation part instead of test, for comparing ideas
+    without looking at test (its "eer@val" rows then use a threshold chosen on the data measured).
     """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLITS)}")
     configs = parse_configs(None) if configs is None else list(configs)
     rows: list[dict[str, Any]] = []
     for path in checkpoints:
@@ -54,10 +61,10 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
         if not settings.get("data"):
             raise ValueError(f"{path}: the checkpoint names no data set; pass --data")
         caches = load_data(resolve_settings(**settings), progress)
-        if "test" not in caches:
-            raise ValueError(f"{settings['data']}: no test split to evaluate on")
+        if split not in caches:
+            raise ValueError(f"{settings['data']}: no {split} split to evaluate on")
         preprocess = Preprocess.from_dict(ck.preprocess)
-        val, test = (CropDataset(caches[p], preprocess) for p in ("val", "test"))
+        val, test = (CropDataset(caches[p], preprocess) for p in ("val", split))
         model = ck.model
         variants: list[tuple[str | None, str]] = [(None, "n/a")]
         if is_pta(model):
@@ -76,10 +83,10 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
             threshold_eer = eer_threshold(val_scores, val.labels)
             for rule, threshold in (("0.5", 0.5), ("eer@val", threshold_eer)):
                 m = compute_metrics(test_scores, test.labels, threshold=threshold,
-                                    spoof_types=caches["test"].spoof_types[test.indices])
-                rows.append({"model": config_label(config), "config": config, "bn": bn, "threshold_rule": rule,
+                                    spoof_types=caches[split].spoof_types[test.indices])
+                rows.append({"model": config_label(config), "config": config, "bn": bn, "split": split, "threshold_rule": rule,
                              "checkpoint": str(path), **m, "threshold": threshold})
-            log(f"{config_label(config)} ({bn} BN): test ACER {100 * rows[-2]['acer']:.2f}% at 0.5, "
+            log(f"{config_label(config)} ({bn} BN): {split} ACER {100 * rows[-2]['acer']:.2f}% at 0.5, "
                 f"{100 * rows[-1]['acer']:.2f}% at the validation EER threshold")
     return rows
 
@@ -96,13 +103,14 @@ def table3_markdown(rows: list[dict]) -> str:
     """Table 3 in sections: per-configuration BN (if any), the paper's shared BN, and EER thresholds."""
     sections = []
     modes = {r["bn"] for r in rows if r["config"]}
+    split = SPLITS[rows[0].get("split", "test")] if rows else SPLITS["test"]
     for bn in [m for m in ("recalibrated", "shared") if m in modes] or ["shared"]:
         for rule, rule_text in (("0.5", "threshold 0.5"), ("eer@val", "threshold = EER point on validation")):
             picked = select(rows, rule, bn)
             if picked:
                 bn_text = {"recalibrated": "per-configuration BatchNorm statistics",
                            "shared": "shared BatchNorm statistics (paper)"}[bn]
-                sections.append(f"### Test, {rule_text}, {bn_text}\n\n{to_markdown(picked, TABLE3_COLUMNS)}")
+                sections.append(f"### {split}, {rule_text}, {bn_text}\n\n{to_markdown(picked, TABLE3_COLUMNS)}")
     note = ("APCER = attacks accepted as live / attacks, BPCER = live rejected / live (ISO/IEC 30107-3, the paper's "
             "text). The paper's formulas (2)-(3) swap the two; the 'paper formula' columns follow them for comparison.")
     return "\n\n".join(sections) + "\n\n" + note + "\n"

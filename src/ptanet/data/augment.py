@@ -26,9 +26,9 @@ def make_train_augment(seed: int | None = None, hflip: bool = False, affine: boo
     with ``hflip`` also a horizontal flip with p=0.5.
 
     The paper names only the first two. A model trained without the flip is not mirror-invariant
-    (on nuaa-dev, averaging the No PTA model's scores over each image and its mirror raised test
-    ACER from 4.2 % to 9.7 %), which is why the flip is offered; yet training with it made nuaa-dev
-    test ACER worse in both runs that tried it (README), so it stays off by default.
+    (in a one-off check on nuaa-dev, averaging the No PTA model's scores over each image and its
+    mirror raised test ACER from 4.2 % to 9.7 %), which is why the flip is offered; yet training
+    with it made nuaa-dev test ACER worse in both runs that tried it (README), so it stays off.
     ``affine`` adds ``AFFINE`` with p=0.5 (did not help on nuaa-dev either).
 
     Call it as `augment(image=crop)["image"]`; the result is uint8 of the same shape. The Compose has its
