@@ -64,7 +64,7 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
         if split not in caches:
             raise ValueError(f"{settings['data']}: no {split} split to evaluate on")
         preprocess = Preprocess.from_dict(ck.preprocess)
-        val, test = (CropDataset(caches[p], preprocess) for p in ("val", split))
+        val, measured = (CropDataset(caches[p], preprocess) for p in ("val", split))
         model = ck.model
         variants: list[tuple[str | None, str]] = [(None, "n/a")]
         if is_pta(model):
@@ -79,11 +79,11 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
                     log(f"{path}: no BatchNorm statistics stored for {config}; its 'recalibrated' row uses the shared ones")
                 model.set_config(config)
             val_scores, _ = predict(model, val)
-            test_scores, _ = predict(model, test)
+            scores = val_scores if split == "val" else predict(model, measured)[0]
             threshold_eer = eer_threshold(val_scores, val.labels)
             for rule, threshold in (("0.5", 0.5), ("eer@val", threshold_eer)):
-                m = compute_metrics(test_scores, test.labels, threshold=threshold,
-                                    spoof_types=caches[split].spoof_types[test.indices])
+                m = compute_metrics(scores, measured.labels, threshold=threshold,
+                                    spoof_types=caches[split].spoof_types[measured.indices])
                 rows.append({"model": config_label(config), "config": config, "bn": bn, "split": split, "threshold_rule": rule,
                              "checkpoint": str(path), **m, "threshold": threshold})
             log(f"{config_label(config)} ({bn} BN): {split} ACER {100 * rows[-2]['acer']:.2f}% at 0.5, "
