@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,29 @@ def tiny_settings(data, out, **kw):
     base = dict(data=str(data), out=str(out), cache=str(out.parent / "cache"), size=32, batch_size=4, epochs=2,
                 val_configs=["HHH", "LLL"], bn_configs=["LLL", "BBB"], bn_images=8, prepare_workers=0, eval_batch_size=8)
     return resolve_settings(**{**base, **kw})
+
+
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+def kill_in_epoch3_then_resume(settings, per_epoch, monkeypatch):
+    """Train ``settings`` (3 epochs), kill it in the first batch of epoch 3, resume it; return the
+    resumed run's result."""
+    real_sample = ConfigSampler.sample
+    calls = {"n": 0}
+
+    def dying_sample(self):
+        calls["n"] += 1
+        if calls["n"] == 2 * per_epoch + 1:
+            raise KeyboardInterrupt
+        return real_sample(self)
+
+    monkeypatch.setattr(ConfigSampler, "sample", dying_sample)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, **QUIET)
+    monkeypatch.setattr(ConfigSampler, "sample", real_sample)
+    assert load_checkpoint(Path(settings.out) / "last.pt").train_state["epoch"] == 2
+    return train(settings, resume=True, **QUIET)
 
 
 def test_sampler_follows_table2_and_is_seeded():
@@ -94,22 +118,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_synth, tmp_path, monke
     full = train(tiny_settings(tiny_synth, tmp_path / "full", epochs=3, bn_configs=[]), **quiet)
 
     per_epoch = sum(full.history[0]["config_counts"].values())
-    calls = {"n": 0}
-    real_sample = ConfigSampler.sample
-
-    def dying_sample(self):
-        calls["n"] += 1
-        if calls["n"] == 2 * per_epoch + 1:  # a kill in the first batch of epoch 3
-            raise KeyboardInterrupt
-        return real_sample(self)
-
-    s = tiny_settings(tiny_synth, tmp_path / "killed", epochs=3, bn_configs=[])
-    monkeypatch.setattr(ConfigSampler, "sample", dying_sample)
-    with pytest.raises(KeyboardInterrupt):
-        train(s, **quiet)
-    monkeypatch.setattr(ConfigSampler, "sample", real_sample)
-    assert load_checkpoint(tmp_path / "killed" / "last.pt").train_state["epoch"] == 2
-    resumed = train(s, resume=True, **quiet)
+    resumed = kill_in_epoch3_then_resume(tiny_settings(tiny_synth, tmp_path / "killed", epochs=3, bn_configs=[]),
+                                         per_epoch, monkeypatch)
     a = load_checkpoint(tmp_path / "full" / "last.pt").model.state_dict()
     b = load_checkpoint(tmp_path / "killed" / "last.pt").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -127,24 +137,49 @@ def test_cosine_schedule_decays_per_epoch_and_resumes_exactly(tiny_synth, tmp_pa
     # CosineAnnealingLR with T_max=3, stepped per epoch: lr * (1 + cos(pi * e / 3)) / 2 for e = 0, 1, 2.
     assert [h["lr"] for h in full.history] == pytest.approx([1e-3, 0.75e-3, 0.25e-3])
 
-    real_sample = ConfigSampler.sample
-    calls = {"n": 0, "per_epoch": sum(full.history[0]["config_counts"].values())}
-
-    def dying_sample(self):
-        calls["n"] += 1
-        if calls["n"] == 2 * calls["per_epoch"] + 1:  # killed in epoch 3, after two scheduler steps
-            raise KeyboardInterrupt
-        return real_sample(self)
-
-    monkeypatch.setattr(ConfigSampler, "sample", dying_sample)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_settings(tiny_synth, tmp_path / "killed", **kw), **quiet)
-    monkeypatch.setattr(ConfigSampler, "sample", real_sample)
-    resumed = train(tiny_settings(tiny_synth, tmp_path / "killed", **kw), resume=True, **quiet)
+    per_epoch = sum(full.history[0]["config_counts"].values())  # killed in epoch 3, after two scheduler steps
+    resumed = kill_in_epoch3_then_resume(tiny_settings(tiny_synth, tmp_path / "killed", **kw), per_epoch, monkeypatch)
     assert [h["lr"] for h in resumed.history] == [h["lr"] for h in full.history]
     a = load_checkpoint(tmp_path / "full" / "last.pt").model.state_dict()
     b = load_checkpoint(tmp_path / "killed" / "last.pt").model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_averages_every_iteration_is_what_best_keeps_and_resumes_exactly(tiny_synth, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        resolve_settings(ema_decay=1.0)
+    kw = dict(epochs=3, bn_configs=[], ema_decay=0.9, lr=1e-3, val_configs=["HHH"])
+    name = "classifier.1.weight"
+    seen = []  # the trained weight after every iteration, as handed to the average
+    real_update = engine.AveragedModel.update_parameters
+
+    def recording_update(self, model):
+        seen.append(model.state_dict()[name].clone())
+        return real_update(self, model)
+
+    monkeypatch.setattr(engine.AveragedModel, "update_parameters", recording_update)
+    full = train(tiny_settings(tiny_synth, tmp_path / "full", **kw), **QUIET)
+    monkeypatch.setattr(engine.AveragedModel, "update_parameters", real_update)
+    per_epoch = sum(full.history[0]["config_counts"].values())
+    expected, by_epoch = seen[0], {}
+    for i, w in enumerate(seen):
+        d = min(0.9, (1 + i) / (10 + i))  # warm-up: the i-th update after the first copy
+        expected = w if i == 0 else d * expected + (1 - d) * w
+        by_epoch[(i + 1) / per_epoch] = expected
+    last = load_checkpoint(tmp_path / "full" / "last.pt")
+    ema = last.train_state["ema"]
+    assert int(ema["n_averaged"]) == len(seen) == 3 * per_epoch
+    torch.testing.assert_close(ema[f"module.{name}"], expected)
+    assert not torch.equal(ema[f"module.{name}"], last.model.state_dict()[name])  # the raw weights resume training
+    best = load_checkpoint(full.best_checkpoint)  # the average at the best epoch, not the raw weights
+    torch.testing.assert_close(best.model.state_dict()[name], by_epoch[best.meta["epoch"]])
+
+    resumed = kill_in_epoch3_then_resume(tiny_settings(tiny_synth, tmp_path / "killed", **kw), per_epoch, monkeypatch)
+    b = load_checkpoint(tmp_path / "killed" / "last.pt").train_state["ema"]
+    assert all(torch.equal(ema[k], b[k]) for k in ema)
+    assert [h["val"] for h in resumed.history] == [h["val"] for h in full.history]
+    with pytest.raises(ValueError, match="trained with ema_decay"):
+        train(tiny_settings(tiny_synth, tmp_path / "killed", **{**kw, "ema_decay": None, "epochs": 4}), resume=True, **QUIET)
 
 
 def test_bn_augment_changes_only_the_recalibrated_statistics(tiny_synth, tmp_path):

@@ -176,6 +176,8 @@ def _add_train(sub) -> None:
     p.add_argument("--affine", action="store_const", const=True, default=None,
                    help="add a small random scale/shift/rotation to the augmentations (not in the paper)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="default: constant (the paper's)")
+    p.add_argument("--ema", dest="ema_decay", type=float, metavar="DECAY",
+                   help="validate and keep an exponential moving average of the weights, e.g. 0.995 (not in the paper)")
     p.add_argument("--class-weights", choices=("balanced",),
                    help="weight the loss so live and spoof count alike (default: plain cross-entropy, the paper's)")
     p.add_argument("--sampling", help="training distribution, e.g. HHH=0.45,LHH=0.15,HLH=0.15,HHL=0.15,LLL=0.1 (Table 2)")
@@ -210,7 +212,7 @@ def _cmd_train(args) -> int:
     bn_configs = [] if args.bn_configs == "none" else args.bn_configs
     settings = resolve_settings(
         args.config_file, data=args.data, out=args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, width_mult=args.width_mult, augment=args.augment, hflip=args.hflip, affine=args.affine, lr_schedule=args.lr_schedule, class_weights=args.class_weights, sampling=_parse_sampling(args.sampling),
+        lr=args.lr, width_mult=args.width_mult, augment=args.augment, hflip=args.hflip, affine=args.affine, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, class_weights=args.class_weights, sampling=_parse_sampling(args.sampling),
         val_configs=args.val_configs, select_config=args.select_config, bn_configs=bn_configs, bn_images=args.bn_images, bn_augment=args.bn_augment,
         max_batches=args.max_batches, workers=args.workers, **_data_overrides(args),
     )
