@@ -11,7 +11,7 @@ from ptanet import engine
 from ptanet.checkpoint import load_checkpoint
 from ptanet.data import CropDataset, Preprocess
 from ptanet.engine import PAPER_SAMPLING, ConfigSampler, NonFiniteLossError, TrainSettings, recalibrate_bn, resolve_settings, train
-from ptanet.models import pta_mobilenet_v2
+from ptanet.models import is_pta, pta_mobilenet_v2
 
 
 def tiny_settings(data, out, **kw):
@@ -107,10 +107,12 @@ def test_train_writes_run_folder_and_recalibrated_best(tiny_synth, tmp_path):
 
 
 def test_baseline_trains_with_same_command(tiny_synth, tmp_path):
-    s = tiny_settings(tiny_synth, tmp_path / "base", arch="mobilenet_v2", epochs=1, class_weights="balanced")
+    s = tiny_settings(tiny_synth, tmp_path / "base", arch="mobilenet_v2", epochs=1, class_weights="balanced", ema_decay=0.9)
     result = train(s, progress=False, log=lambda *_: None)
     assert set(result.history[0]["val"]) == {"No PTA"}
     assert "config_counts" not in result.history[0]
+    assert "ema" in load_checkpoint(tmp_path / "base" / "last.pt").train_state  # the average works for it too
+    assert not is_pta(load_checkpoint(result.best_checkpoint).model)
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_synth, tmp_path, monkeypatch):
@@ -212,13 +214,12 @@ def test_recalibrate_checkpoint_equals_recalibration_in_training(tiny_synth, tmp
         engine.recalibrate_checkpoint(base.best_checkpoint, **quiet)
 
 
-def test_shipped_recipe_resolves(tmp_path):
-    from pathlib import Path
-
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "nuaa_all_subjects.yaml"
-    s = resolve_settings(str(recipe))
-    assert (s.val_split, s.val_fraction, s.bn_augment) == ("random", 0.1, True)
-    assert (s.epochs, s.lr, s.sampling) == (20, 1e-4, PAPER_SAMPLING)  # otherwise the paper's
+def test_shipped_recipes_resolve(tmp_path):
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for name, ema_decay in (("nuaa_all_subjects.yaml", None), ("nuaa_all_subjects_ema.yaml", 0.995)):
+        s = resolve_settings(str(recipes / name))
+        assert (s.val_split, s.val_fraction, s.bn_augment, s.ema_decay) == ("random", 0.1, True, ema_decay)
+        assert (s.epochs, s.lr, s.sampling) == (20, 1e-4, PAPER_SAMPLING)  # otherwise the paper's
 
 
 def test_resumes_a_run_saved_before_the_loss_tie_break(tiny_synth, tmp_path):
