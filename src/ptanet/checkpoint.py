@@ -9,9 +9,7 @@ file that is renamed over the target, so a kill never leaves a half-written chec
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 
 import ptanet
+from ptanet.atomic import atomic_write
 from ptanet.models import MobileNetV2, create_model, is_pta
 
 FORMAT = "ptanet.checkpoint"
@@ -45,18 +44,7 @@ def versions() -> dict[str, str]:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def model_payload(model: MobileNetV2, preprocess: dict) -> dict:

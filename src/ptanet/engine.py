@@ -26,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ptanet.atomic import write_json_atomic
 from ptanet.checkpoint import load_checkpoint, save_checkpoint
 from ptanet.data import CropDataset, Preprocess, build_datasets
 from ptanet.metrics import compute_metrics, selection_key
@@ -301,9 +302,7 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, data, indent=2)
 
 
 @dataclass

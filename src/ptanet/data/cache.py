@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
+from ptanet.atomic import write_json_atomic
 from ptanet.data.augment import make_train_augment
 from ptanet.data.celeba import (Item, Reason, Skipped, count_summary, describe_split,
                                 load_celeba, load_folder, split_train_val)
@@ -54,12 +55,7 @@ FLUSH_EVERY_S = 2.0  # how much finished work a kill -9 may cost at most (plus o
 def _write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers (and a resumed run after a crash) see the old or the new file, never
     a half-written one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _read_json(path: Path) -> Any | None:

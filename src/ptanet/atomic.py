@@ -1,0 +1,36 @@
+"""Atomic file writes: readers, and a run resumed after a kill, see the old file or the new one, never
+half of one.
+
+Each write goes to its own temporary file in the target's folder (a unique name, so two processes
+writing the same file, e.g. two trainings preparing one crop cache, do not move each other's
+temporary file away), is flushed to disk, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any, indent: int | None = None) -> Path:
+    return atomic_write(path, lambda f: json.dump(data, f, indent=indent))
