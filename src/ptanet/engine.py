@@ -301,10 +301,6 @@ def _append_jsonl(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _write_json(path: Path, data: Any) -> None:
-    write_json_atomic(path, data, indent=2)
-
-
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -374,7 +370,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
     if not resume and last_path.exists():
         raise ValueError(f"{run}: a run already exists there; pass --resume to continue it or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
-    _write_json(run / "settings.json", settings.to_dict())
+    write_json_atomic(run / "settings.json", settings.to_dict(), indent=2)
 
     data = load_data(settings, progress)
     log(data["split"])

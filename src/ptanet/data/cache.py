@@ -52,12 +52,6 @@ FLUSH_EVERY_S = 2.0  # how much finished work a kill -9 may cost at most (plus o
 
 
 # --- small file helpers --------------------------------------------------------------------------
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers (and a resumed run after a crash) see the old or the new file, never
-    a half-written one."""
-    write_json_atomic(path, data)
-
-
 def _read_json(path: Path) -> Any | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -235,15 +229,15 @@ def prepare_cache(items: list[Item], cache_dir: str | os.PathLike, preprocess: P
         crops = np.lib.format.open_memmap(cache_dir / CROPS, mode="w+", dtype=np.uint8,
                                           shape=(n_items, size, size, 3))
         skipped_at, n_done, n_written = {}, 0, 0
-        _write_json_atomic(cache_dir / PROGRESS, {"n_done": 0, "n_written": 0, "skipped": []})
-        _write_json_atomic(cache_dir / META, {
+        write_json_atomic(cache_dir / PROGRESS, {"n_done": 0, "n_written": 0, "skipped": []})
+        write_json_atomic(cache_dir / META, {
             "format": FORMAT_VERSION, "fingerprint": fingerprint, "preprocess": preprocess.to_dict(),
             "detect": detect, "n_items": n_items, "complete": False})
     resumed_from = n_done
 
     def flush() -> None:
         crops.flush()  # rows reach the file before progress claims them
-        _write_json_atomic(cache_dir / PROGRESS, {
+        write_json_atomic(cache_dir / PROGRESS, {
             "n_done": n_done, "n_written": n_written,
             "skipped": [[i, s.reason, s.detail] for i, s in sorted(skipped_at.items())]})
 
@@ -287,13 +281,13 @@ def prepare_cache(items: list[Item], cache_dir: str | os.PathLike, preprocess: P
     if stopped:
         return report(n_done - resumed_from, resumed_from, False, False, skipped, n_written)
     good = [item for i, item in enumerate(items) if i not in skipped_at]
-    _write_json_atomic(cache_dir / INDEX, {
+    write_json_atomic(cache_dir / INDEX, {
         "rel": [i.rel for i in good], "label": [i.label for i in good],
         "spoof_type": [i.spoof_type for i in good], "subject": [i.subject for i in good]})
     meta = _read_json(cache_dir / META)
     meta.update(complete=True, n_cached=n_written,
                 skipped=[{"rel": s.rel, "reason": s.reason, "detail": s.detail} for s in skipped])
-    _write_json_atomic(cache_dir / META, meta)
+    write_json_atomic(cache_dir / META, meta)
     return report(n_done - resumed_from, resumed_from, False, True, skipped, n_written)
 
 
