@@ -386,6 +386,8 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     scheduler = make_scheduler(optimizer, settings)
     ema = make_ema(model, settings)
+    # What is validated and kept as best.pt: the averaged weights when there are some.
+    kept = ema.module if ema is not None else model
     loss_weight = balanced_class_weights(data["train"].labels) if settings.class_weights == "balanced" else None
     history: list[dict] = []
     start_epoch, best_epoch, best_key = 1, 0, (math.inf, math.inf)
@@ -453,8 +455,6 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
         train_time = time.perf_counter() - t0
         if scheduler is not None:
             scheduler.step()
-        # What is validated is what best.pt keeps: the averaged weights when there are some.
-        kept = ema.module if ema is not None else model
         val = validate(kept, val_set, val_configs, settings.eval_batch_size)
         if is_pta(kept):
             kept.set_config(settings.select_config)
@@ -491,7 +491,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
             f"val ACER {select_key} {100 * acer:.2f}%{' (best)' if improved else ''}")
 
     if not best_path.exists():  # every epoch had an undefined ACER (e.g. a one-class validation set)
-        save_checkpoint(best_path, ema.module if ema is not None else model, preprocess.to_dict(), meta={**meta, "epoch": settings.epochs, "val": history[-1]["val"] if history else {}})
+        save_checkpoint(best_path, kept, preprocess.to_dict(), meta={**meta, "epoch": settings.epochs, "val": history[-1]["val"] if history else {}})
     best = load_checkpoint(best_path)
     if is_pta(best.model) and settings.bn_configs and settings.bn_images > 0:
         _recalibrate_and_save(best, best_path, data["train"], settings.bn_configs, settings.bn_images,
