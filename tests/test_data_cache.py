@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ptanet.data import (CropCache, CropDataset, Preprocess, Reason, bench_loader, build_datasets,
-                         load_celeba, load_folder, prepare_cache, read_image_rgb)
+                         load_celeba, load_folder, prepare_cache, read_image_rgb, split_train_val)
 
 SMALL = Preprocess(size=32)
 
@@ -160,6 +160,12 @@ def test_crop_cache_errors(tmp_path, tiny_items):
         CropCache(tmp_path / "c")
     with pytest.raises(ValueError, match="no items"):
         prepare_cache([], tmp_path / "e", SMALL)
+    prepare_cache(tiny_items[:3], tmp_path / "d", SMALL, workers=0, progress=False)
+    with pytest.raises(IndexError, match="rows out of range"):
+        CropCache(tmp_path / "d", rows=[0, 3])
+    # Crops cut with another box enlargement are not what the model was trained on.
+    with pytest.raises(ValueError, match="box_scale 1.0.*1.5"):
+        CropDataset(CropCache(tmp_path / "d"), Preprocess(size=32, box_scale=1.5))
 
 
 def test_dataset_items_augmentation_and_pickling(tiny_items, tmp_path):
@@ -206,11 +212,19 @@ def test_build_datasets_celeba(tiny_celeba, tmp_path):
     out = build_datasets(root, tmp_path / "cache", SMALL, workers=0, progress=False)
     assert len(out["train"]) + len(out["val"]) == 12 and len(out["test"]) == 4
     assert not set(out["train"].subjects) & set(out["val"].subjects)
-    assert out["split"].startswith("train: ") and set(out["reports"]) == {"train", "val", "test"}
+    assert out["split"].startswith("train: ") and set(out["reports"]) == {"train", "test"}
     again = build_datasets(root, tmp_path / "cache", SMALL, workers=0, progress=False)
     assert all(r.reused for r in again["reports"].values())
-    randomly = build_datasets(root, tmp_path / "cache", SMALL, val_split="random", workers=0, progress=False)
-    assert (len(randomly["train"]), len(randomly["val"])) == (10, 2) and randomly["reports"]["test"].reused
+    # Another validation rule or seed splits the same cached train list: nothing is decoded again.
+    items = {item.rel: item for item in load_celeba(root, "train").items}
+    for val_split, seed in (("random", 0), ("random", 1), ("subject", 1)):
+        other = build_datasets(root, tmp_path / "cache", SMALL, val_split=val_split, seed=seed, workers=0, progress=False)
+        assert all(r.reused for r in other["reports"].values())
+        train, val = split_train_val(list(items.values()), 0.2, by=val_split, seed=seed)
+        for part, expected in (("train", train), ("val", val)):  # each part: its items, in their order
+            assert_cache_matches(other[part], expected, SMALL)
+            assert other[part].spoof_types.tolist() == [item.spoof_type for item in expected]
+            assert pickle.loads(pickle.dumps(other[part])).rels == other[part].rels
 
 
 def test_build_datasets_folder_with_train_and_test(tmp_path, write_image):

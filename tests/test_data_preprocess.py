@@ -53,6 +53,22 @@ def test_crop_matches_slice_and_resize():
     np.testing.assert_array_equal(p.crop(small), expected)
 
 
+def test_box_scale_enlarges_about_the_centre_then_clamps():
+    p = Preprocess(box_scale=2.0)
+    assert p.region((100, 100, 50, 40), 400, 400) == (75, 80, 100, 80)
+    assert p.region((10, 100, 50, 40), 400, 400) == (0, 80, 85, 80)  # cut at the border, not shifted
+    assert Preprocess(box_scale=0.5).region((100, 100, 50, 40), 400, 400) == (112, 110, 25, 20)
+    assert Preprocess().region((-5, 3, 50, 40), 400, 400) == (0, 3, 45, 40)  # 1.0: only the clamp
+    # The enlarged region is what both box sources crop: the data set's 224-frame box and a pixel box.
+    image = noise(448, 300)
+    x, y, w, h = p.region(p.box_to_pixels((50, 50, 100, 100), 300, 448), 300, 448)
+    assert (x, y, w, h) == (0, 0, 266, 400)
+    expected = cv2.resize(image[y:y + h, x:x + w], (128, 128), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(p.crop(image, box224=(50, 50, 100, 100)), expected)
+    np.testing.assert_array_equal(p.crop(image, box_px=p.box_to_pixels((50, 50, 100, 100), 300, 448)), expected)
+    assert not np.array_equal(expected, Preprocess().crop(image, box224=(50, 50, 100, 100)))
+
+
 def test_crop_rejects_bad_input():
     with pytest.raises(ValueError, match="not both"):
         Preprocess().crop(noise(10, 10), box224=(0, 0, 1, 1), box_px=(0, 0, 1, 1))
@@ -82,6 +98,10 @@ def test_preprocess_dict_round_trip_and_validation():
         Preprocess(size=0)
     with pytest.raises(ValueError, match="color"):
         Preprocess(color="HSV")
+    with pytest.raises(ValueError, match="box_scale"):
+        Preprocess(box_scale=0)
+    assert Preprocess.from_dict({"size": 64, "box_scale": 1.5}).box_scale == 1.5
+    assert Preprocess.from_dict({"size": 64}).box_scale == 1.0  # checkpoints older than the setting: the paper's crop
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -107,12 +107,31 @@ def test_train_writes_run_folder_and_recalibrated_best(tiny_synth, tmp_path):
 
 
 def test_baseline_trains_with_same_command(tiny_synth, tmp_path):
-    s = tiny_settings(tiny_synth, tmp_path / "base", arch="mobilenet_v2", epochs=1, class_weights="balanced", ema_decay=0.9)
+    s = tiny_settings(tiny_synth, tmp_path / "base", arch="mobilenet_v2", epochs=1, class_weights="balanced", ema_decay=0.9,
+                      box_scale=1.4)
     result = train(s, progress=False, log=lambda *_: None)
     assert set(result.history[0]["val"]) == {"No PTA"}
     assert "config_counts" not in result.history[0]
     assert "ema" in load_checkpoint(tmp_path / "base" / "last.pt").train_state  # the average works for it too
-    assert not is_pta(load_checkpoint(result.best_checkpoint).model)
+    best = load_checkpoint(result.best_checkpoint)
+    assert not is_pta(best.model)
+    assert Preprocess.from_dict(best.preprocess).box_scale == 1.4  # inference will crop as training did
+
+
+def test_cli_train_flags_reach_the_settings(tmp_path, monkeypatch):
+    from ptanet.cli import main
+
+    seen = []
+    monkeypatch.setattr(engine, "train", lambda settings, resume: seen.append((settings, resume)) or
+                        engine.TrainResult(Path(settings.out), Path(settings.out) / "best.pt", 1, {}, []))
+    yml = tmp_path / "r.yaml"
+    yml.write_text("ema_decay: 0.9\nbox_scale: 1.2\nepochs: 3\n")
+    assert main(["train", "--data", "d", "--out", str(tmp_path / "r"), "--config", str(yml), "--ema", "0.995",
+                 "--box-scale", "1.5", "--bn-augment", "--class-weights", "balanced", "--resume"]) == 0
+    settings, resume = seen[0]
+    assert (settings.ema_decay, settings.box_scale, settings.epochs) == (0.995, 1.5, 3)  # flags over the file
+    assert settings.bn_augment and settings.class_weights == "balanced" and resume
+    assert main(["train", "--data", "d", "--box-scale", "0"]) == 2  # refused before any work
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_synth, tmp_path, monkeypatch):

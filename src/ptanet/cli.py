@@ -105,6 +105,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detect", help="face detector for images without boxes: haar, or yunet:PATH.onnx")
     p.add_argument("--cache", help="crop-cache folder (default: <out>/../cache/<data folder name>)")
     p.add_argument("--size", type=int, help="face crop size (default: 128, the paper's)")
+    p.add_argument("--box-scale", type=float,
+                   help="crop the face box enlarged this many times about its centre (default: 1.0, the paper's tight box)")
     p.add_argument("--val-fraction", type=float, help="part of train held out for validation (default: 0.2)")
     p.add_argument("--val-split", choices=("subject", "random"),
                    help="subject-disjoint (default) or random (the paper's; leaks identities)")
@@ -113,7 +115,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_overrides(args) -> dict:
-    keys = ("source", "protocol", "detect", "cache", "size", "val_fraction", "val_split", "seed", "prepare_workers")
+    keys = ("source", "protocol", "detect", "cache", "size", "box_scale", "val_fraction", "val_split", "seed", "prepare_workers")
     return {k: getattr(args, k) for k in keys}
 
 

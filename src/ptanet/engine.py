@@ -53,6 +53,9 @@ class TrainSettings:
     batch_size: int = 32
     lr: float = 1e-4  # Adam
     size: int = 128
+    # Crop the face box enlarged this many times about its centre (Preprocess.box_scale); 1.0 is the
+    # paper's tight box. The setting travels in the checkpoint, so inference and export crop alike.
+    box_scale: float = 1.0
     seed: int = 0
     augment: bool = True  # colour jitter + ISO noise
     hflip: bool = False  # also a random horizontal flip (not in the paper)
@@ -106,10 +109,15 @@ class TrainSettings:
         for name in ("epochs", "batch_size", "size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.preprocess  # raises on a bad box_scale now, not when the data is first read
 
     @property
     def is_pta(self) -> bool:
         return self.arch.startswith("pta_")
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(size=self.size, box_scale=self.box_scale)
 
     @property
     def cache_dir(self) -> Path:
@@ -349,7 +357,7 @@ def _warmed_up_ema(decay: float):
 
 def load_data(settings: TrainSettings, progress: bool = True) -> dict[str, Any]:
     """The run's crop caches (train/val[/test]), prepared once and reused."""
-    preprocess = Preprocess(size=settings.size)
+    preprocess = settings.preprocess
     return build_datasets(
         settings.data, settings.cache_dir, preprocess, protocol=settings.protocol, val_fraction=settings.val_fraction,
         val_split=settings.val_split, seed=settings.seed, workers=settings.prepare_workers, source=settings.source,
@@ -374,7 +382,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
 
     data = load_data(settings, progress)
     log(data["split"])
-    preprocess = Preprocess(size=settings.size)
+    preprocess = settings.preprocess
     train_set = CropDataset(data["train"], preprocess, augment=settings.augment, seed=settings.seed, hflip=settings.hflip,
                             affine=settings.affine)
     val_set = CropDataset(data["val"], preprocess, augment=False)

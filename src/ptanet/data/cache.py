@@ -292,15 +292,33 @@ def prepare_cache(items: list[Item], cache_dir: str | os.PathLike, preprocess: P
 
 
 # --- reading ---------------------------------------------------------------------------------------
+class _Rows:
+    """Some rows of a read-only crop array, picked by index without copying them (fancy indexing a
+    memmap would read every picked crop into memory at once)."""
+
+    def __init__(self, base: np.ndarray, rows: np.ndarray) -> None:
+        self.base, self.rows = base, rows
+        self.shape, self.dtype = (len(rows), *base.shape[1:]), base.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.base[self.rows[i]]
+
+
 class CropCache:
     """A finished cache, opened read-only: `crops` (N, size, size, 3) uint8 memmap, `labels` and
     `spoof_types` (int64), `subjects`, `rels`, and the `preprocess` it was built with.
 
-    Pickles as its folder path (DataLoader workers started with spawn reopen the memmap instead of
-    receiving a copy of every crop).
+    With `rows`, only those rows of the folder, in that order (the train or validation part of one
+    cached train list): every attribute then describes the part, and `crops` reads through to the map.
+
+    Pickles as its folder path and rows (DataLoader workers started with spawn reopen the memmap
+    instead of receiving a copy of every crop).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike) -> None:
+    def __init__(self, cache_dir: str | os.PathLike, rows: Iterable[int] | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         meta_path = self.cache_dir / META
         meta = _read_json(meta_path)
@@ -327,18 +345,27 @@ class CropCache:
         if not len(self.crops) == len(self.rels) == len(self.labels) == len(self.subjects):
             raise ValueError(f"{self.cache_dir}: crops.npy and index.json disagree in length; "
                              "delete the folder and prepare it again")
+        self.rows = None if rows is None else np.asarray(list(rows), dtype=np.int64)
+        if self.rows is not None:
+            if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= len(self.crops)):
+                raise IndexError(f"{self.cache_dir}: rows out of range for its {len(self.crops)} crops")
+            self.crops = _Rows(self.crops, self.rows)
+            self.labels, self.spoof_types = self.labels[self.rows], self.spoof_types[self.rows]
+            self.rels = [self.rels[r] for r in self.rows]
+            self.subjects = [self.subjects[r] for r in self.rows]
 
     def __len__(self) -> int:
         return len(self.crops)
 
     def __repr__(self) -> str:
-        return f"CropCache({str(self.cache_dir)!r}, n={len(self)}, size={self.preprocess.size})"
+        part = "" if self.rows is None else ", part"
+        return f"CropCache({str(self.cache_dir)!r}, n={len(self)}{part}, size={self.preprocess.size})"
 
     def __getstate__(self) -> dict:
-        return {"cache_dir": str(self.cache_dir)}
+        return {"cache_dir": str(self.cache_dir), "rows": self.rows}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["cache_dir"])
+        self.__init__(state["cache_dir"], state.get("rows"))
 
 
 class CropDataset(Dataset):
@@ -356,6 +383,10 @@ class CropDataset(Dataset):
         if preprocess.size != cache.crops.shape[1]:
             raise ValueError(f"{cache.cache_dir}: crops are {cache.crops.shape[1]}px but preprocess.size "
                              f"is {preprocess.size}; prepare a cache with the same size")
+        if (preprocess.box_frame, preprocess.box_scale) != (cache.preprocess.box_frame, cache.preprocess.box_scale):
+            raise ValueError(f"{cache.cache_dir}: crops were cut with box_frame {cache.preprocess.box_frame}, "
+                             f"box_scale {cache.preprocess.box_scale}, but the model expects {preprocess.box_frame}, "
+                             f"{preprocess.box_scale}; prepare a cache with the model's settings")
         self.cache, self.preprocess, self.augment, self.seed = cache, preprocess, augment, seed
         self.hflip, self.affine = hflip, affine  # parts of the augmentation: ignored when augment is False
         self.indices = (np.arange(len(cache)) if indices is None
@@ -407,7 +438,8 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
     source="folder": `root/live`, `root/spoof`; if `root/train` and `root/test` exist instead, each
     holding live/ and spoof/, test comes from `root/test`. Otherwise there is no test part.
     Returns {"train", "val"[, "test"]: CropCache, "split": describe_split text,
-    "loaded": {part: LoadResult summary}, "reports": {part: PrepareReport}}.
+    "loaded": {list: LoadResult summary}, "reports": {list: PrepareReport}}; train and val are parts
+    of one cache of the whole train list (reports has "train" and "test" only).
     """
     root = Path(root)
     if source == "celeba":
@@ -422,17 +454,20 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
     for name, result in loaded.items():
         if not result.items:
             raise ValueError(f"{root}: no usable {name} items ({result.summary()})")
-    train, val = split_train_val(loaded["train"].items, val_fraction, by=val_split, seed=seed)
-    parts: dict[str, list[Item]] = {"train": train, "val": val}
-    if "test" in loaded:
-        parts["test"] = loaded["test"].items
-    out: dict[str, Any] = {"split": describe_split(train, val),
-                           "loaded": {k: v.summary() for k, v in loaded.items()}, "reports": {}}
-    for name, part in parts.items():
-        report = prepare_cache(part, Path(cache_root) / name, preprocess, workers=workers, detect=detect,
+    out: dict[str, Any] = {"loaded": {k: v.summary() for k, v in loaded.items()}, "reports": {}}
+    # The whole train list is cached once and split by rows afterwards: another seed or validation
+    # rule then reuses the cache instead of decoding every training image again.
+    for name, result in loaded.items():
+        report = prepare_cache(result.items, Path(cache_root) / name, preprocess, workers=workers, detect=detect,
                                progress=progress)
         out["reports"][name] = report
         out[name] = CropCache(report.cache_dir)
+    train, val = split_train_val(loaded["train"].items, val_fraction, by=val_split, seed=seed)
+    out["split"] = describe_split(train, val)
+    row_of = {rel: row for row, rel in enumerate(out["train"].rels)}  # skipped items have no row
+    # Each part keeps its items' order, so a part reads exactly as a cache of its own list would.
+    out["train"], out["val"] = (CropCache(out["train"].cache_dir, [row_of[i.rel] for i in part if i.rel in row_of])
+                                for part in (train, val))
     return out
 
 

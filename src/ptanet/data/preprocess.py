@@ -62,6 +62,9 @@ class Preprocess:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     box_frame: int = 224  # CelebA-Spoof boxes live in a 224x224 frame of the image
     color: str = "RGB"  # channel order the network sees: "RGB" (paper) or "BGR"
+    # The face box is enlarged this many times about its centre before cropping, so the network also
+    # sees what surrounds the face (hair, background, a photo's edge). 1.0 is the paper's tight crop.
+    box_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; normalise so equality and hashing keep working.
@@ -75,6 +78,9 @@ class Preprocess:
             raise ValueError(f"Preprocess.mean and .std need 3 values each, got {self.mean} and {self.std}")
         if min(self.std) <= 0:
             raise ValueError(f"Preprocess.std must be positive, got {self.std}")
+        object.__setattr__(self, "box_scale", float(self.box_scale))
+        if not self.box_scale > 0:
+            raise ValueError(f"Preprocess.box_scale must be positive, got {self.box_scale!r}")
         if self.color not in ("RGB", "BGR"):
             raise ValueError(f"Preprocess.color must be 'RGB' or 'BGR', got {self.color!r}")
 
@@ -108,13 +114,23 @@ class Preprocess:
         sx, sy = width / self.box_frame, height / self.box_frame
         return _clamp_box(int(x * sx), int(y * sy), int(w * sx), int(h * sy), width, height)
 
+    def region(self, box_px: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+        """The pixels cropped for a face box: the box enlarged `box_scale` times about its centre,
+        then clamped to the image (a face at the border gets less context, not a shifted one)."""
+        x, y, w, h = (int(v) for v in box_px)
+        if self.box_scale != 1.0:  # skipped at 1.0 so that the paper's crop stays bit for bit the same
+            new_w, new_h = round(w * self.box_scale), round(h * self.box_scale)
+            x, y, w, h = round(x + (w - new_w) / 2), round(y + (h - new_h) / 2), new_w, new_h
+        return _clamp_box(x, y, w, h, width, height)
+
     def crop(self, image_rgb: np.ndarray, box224: tuple[float, float, float, float] | None = None,
              box_px: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """Cut the face out of an RGB uint8 image and resize it to size x size (uint8).
 
         Give the box either in the 224 frame (`box224`, CelebA-Spoof) or in pixels (`box_px`, a
-        detector); with neither, the whole image is the face. The crop is stretched to a square, as in
-        the paper. INTER_AREA when shrinking avoids aliasing; INTER_LINEAR when enlarging.
+        detector); with neither, the whole image is the face. Either box is enlarged by `box_scale`
+        (`region`); the whole image is not. The crop is stretched to a square, as in the paper.
+        INTER_AREA when shrinking avoids aliasing; INTER_LINEAR when enlarging.
         """
         if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
             raise ValueError(f"crop expects an HxWx3 uint8 image, got shape {image_rgb.shape} "
@@ -123,9 +139,9 @@ class Preprocess:
             raise ValueError("give box224 or box_px, not both")
         height, width = image_rgb.shape[:2]
         if box224 is not None:
-            x, y, w, h = self.box_to_pixels(box224, width, height)
+            x, y, w, h = self.region(self.box_to_pixels(box224, width, height), width, height)
         elif box_px is not None:
-            x, y, w, h = _clamp_box(*(int(v) for v in box_px), width, height)
+            x, y, w, h = self.region(box_px, width, height)
         else:
             x, y, w, h = 0, 0, width, height
         face = image_rgb[y:y + h, x:x + w]
