@@ -44,6 +44,15 @@ def test_rows_per_config_bn_mode_and_threshold(tiny_runs, tmp_path):
     paths = write_table3(rows, tmp_path)
     assert len(json.loads(paths["json"].read_text())) == len(rows)
     assert paths["csv"].read_text().count("\n") == len(rows) + 1
+    # Per test subject: the counts add up to each row's error rates.
+    for r in rows:
+        groups = r["per_subject"]
+        assert groups and sum(g["n_live"] + g["n_spoof"] for g in groups) == r["n"]
+        assert sum(g["live_rejected"] for g in groups) == round(r["bpcer"] * r["n_live"])
+        assert sum(g["attacks_accepted"] for g in groups) == round(r["apcer"] * r["n_spoof"])
+    n_groups = sum(len(r["per_subject"]) for r in rows)
+    assert len(json.loads(paths["per_subject_json"].read_text())) == n_groups
+    assert paths["per_subject_md"].read_text().count("| PTA-LLL | recalibrated | 0.5 |") == len(rows[0]["per_subject"])
 
 
 def test_no_bn_recalibration_gives_paper_rows_only(tiny_runs):

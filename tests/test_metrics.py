@@ -16,6 +16,7 @@ from ptanet.metrics import (
     eer,
     eer_point,
     eer_threshold,
+    errors_per_group,
     selection_key,
     tpr_at_fpr,
 )
@@ -166,6 +167,22 @@ def test_apcer_per_type_ties_and_unknown_names():
     per_type, worst = apcer_per_type(scores, labels, types, 0.5)
     assert per_type == {"PC": 0.5, "42": 0.5}
     assert worst == "PC"
+
+
+def test_errors_per_group_counts_by_hand():
+    # The worked example split over subjects "10", "3" and "x": live 0.6 (rejected) is subject 3's,
+    # attacks 0.45 and 0.35 (accepted) are subject 10's and x's; subject x has no live item.
+    groups = ["3", "3", "3", "10", "3", "10", "10", "10", "10", "x"]
+    rows = errors_per_group(SCORES, LABELS, groups, 0.5)
+    assert [r["group"] for r in rows] == ["3", "10", "x"]  # natural order
+    by = {r["group"]: r for r in rows}
+    assert (by["3"]["n_live"], by["3"]["live_rejected"], by["3"]["n_spoof"], by["3"]["attacks_accepted"]) == (3, 1, 1, 0)
+    assert (by["10"]["n_live"], by["10"]["live_rejected"], by["10"]["n_spoof"], by["10"]["attacks_accepted"]) == (1, 0, 4, 1)
+    assert by["3"]["bpcer"] == pytest.approx(1 / 3) and by["10"]["apcer"] == 0.25
+    assert by["x"]["attacks_accepted"] == 1 and by["x"]["apcer"] == 1.0 and math.isnan(by["x"]["bpcer"])
+    assert sum(r["live_rejected"] for r in errors_per_group(SCORES, LABELS, groups, 0.0)) == 4  # all live rejected
+    with pytest.raises(ValueError, match="one entry per item"):
+        errors_per_group(SCORES, LABELS, groups[:-1])
 
 
 def test_no_spoof_types_gives_empty():

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from ptanet.checkpoint import load_checkpoint
 from ptanet.data import CropDataset, Preprocess
 from ptanet.engine import load_data, predict, resolve_settings
-from ptanet.metrics import compute_metrics, eer_threshold
+from ptanet.metrics import compute_metrics, eer_threshold, errors_per_group
 from ptanet.models import config_label, is_pta, parse_configs
 from ptanet.tables import to_markdown, write_table
 
@@ -33,6 +33,12 @@ ALL_COLUMNS = [
     ("threshold_rule", "threshold_rule", "str"), ("threshold", "threshold", "f3"),
     *TABLE3_COLUMNS[1:], ("eer", "eer", "pct"), ("tpr@fpr=1e-2", "tpr@fpr=1e-2", "pct"),
     ("worst_type", "worst_type", "str"), ("n", "n", "int"), ("checkpoint", "checkpoint", "str"),
+]
+PER_SUBJECT_COLUMNS = [
+    ("model", "Configuration", "str"), ("bn", "BN", "str"), ("threshold_rule", "Threshold", "str"),
+    ("subject", "Subject", "str"), ("n_live", "Live", "int"), ("live_rejected", "Live rejected", "int"),
+    ("bpcer", "BPCER (%)", "pct"), ("n_spoof", "Attacks", "int"), ("attacks_accepted", "Attacks accepted", "int"),
+    ("apcer", "APCER (%)", "pct"),
 ]
 
 
@@ -84,8 +90,9 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
             for rule, threshold in (("0.5", 0.5), ("eer@val", threshold_eer)):
                 m = compute_metrics(scores, measured.labels, threshold=threshold,
                                     spoof_types=caches[split].spoof_types[measured.indices])
+                per_subject = errors_per_group(scores, measured.labels, caches[split].subjects, threshold)
                 rows.append({"model": config_label(config), "config": config, "bn": bn, "split": split, "threshold_rule": rule,
-                             "checkpoint": str(path), **m, "threshold": threshold})
+                             "checkpoint": str(path), **m, "threshold": threshold, "per_subject": per_subject})
             log(f"{config_label(config)} ({bn} BN): {split} ACER {100 * rows[-2]['acer']:.2f}% at 0.5, "
                 f"{100 * rows[-1]['acer']:.2f}% at the validation EER threshold")
     return rows
@@ -116,10 +123,22 @@ def table3_markdown(rows: list[dict]) -> str:
     return "\n\n".join(sections) + "\n\n" + note + "\n"
 
 
+def per_subject_rows(rows: list[dict]) -> list[dict]:
+    """One row per Table 3 row and subject of the measured split: live rejected and attacks accepted."""
+    return [{"model": r["model"], "config": r["config"], "bn": r["bn"], "split": r["split"],
+             "threshold_rule": r["threshold_rule"], "threshold": r["threshold"], "checkpoint": r["checkpoint"],
+             "subject": g["group"], **{k: v for k, v in g.items() if k != "group"}}
+            for r in rows for g in r.get("per_subject", [])]
+
+
 def write_table3(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
-    """table3.md (sections as above), table3.json and table3.csv (every row and column)."""
+    """table3.md (sections as above), table3.json and table3.csv (every row and column), and
+    per_subject.md (threshold 0.5, as Table 3's first section), .json and .csv (every row)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = write_table(rows, ALL_COLUMNS, out_dir / "table3")
     paths["md"].write_text(table3_markdown(rows))
+    subject_paths = write_table(per_subject_rows(rows), PER_SUBJECT_COLUMNS, out_dir / "per_subject")
+    subject_paths["md"].write_text(to_markdown(per_subject_rows(select(rows, "0.5")), PER_SUBJECT_COLUMNS) + "\n")
+    paths.update({f"per_subject_{k}": p for k, p in subject_paths.items()})
     return paths

@@ -27,7 +27,7 @@ or a numpy warning, so a one-class batch can still be reported.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -234,6 +234,29 @@ def apcer_per_type(
         if worst is None or value > per_type[worst]:
             worst = name
     return per_type, worst
+
+
+def errors_per_group(scores: ArrayLike, labels: ArrayLike, groups: Sequence[Any],
+                     threshold: float = 0.5) -> list[dict[str, Any]]:
+    """Where the errors are: per group (e.g. test subject), how many live items were rejected and how
+    many attacks accepted at a threshold, with the rates (nan for a class the group lacks).
+
+    A few people can carry most of a small test set's errors, which one ACER hides. Groups come in
+    natural order (subject "3" before "10").
+    """
+    s, spoof = _validate(scores, labels)
+    g = np.asarray([str(v) for v in groups])
+    if g.shape != s.shape:
+        raise ValueError(f"groups must have one entry per item: {g.shape} vs {s.shape}")
+    out = []
+    for name in sorted(set(g.tolist()), key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v)):
+        members = g == name
+        live, attack = members & ~spoof, members & spoof
+        rejected, accepted = int(np.sum(s[live] >= threshold)), int(np.sum(s[attack] < threshold))
+        n_live, n_spoof = int(live.sum()), int(attack.sum())
+        out.append({"group": name, "n_live": n_live, "live_rejected": rejected, "bpcer": _ratio(rejected, n_live),
+                    "n_spoof": n_spoof, "attacks_accepted": accepted, "apcer": _ratio(accepted, n_spoof)})
+    return out
 
 
 def compute_metrics(
