@@ -33,3 +33,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_write(path, failing)
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_check_sees_the_complete_file_and_can_refuse_it(tmp_path):
+    path = write_json_atomic(tmp_path / "m.bin", {"v": 1})
+    assert path.read_text() == '{"v": 1}\n'
+    seen = []
+    atomic_write(path, lambda f: f.write(b"good"), binary=True, check=lambda tmp: seen.append(tmp.read_bytes()))
+    assert seen == [b"good"] and path.read_bytes() == b"good"
+
+    def refuse(tmp):
+        raise ValueError(f"{tmp}: does not load")
+
+    with pytest.raises(ValueError, match="does not load"):
+        atomic_write(path, lambda f: f.write(b"bad"), binary=True, check=refuse)
+    assert path.read_bytes() == b"good" and [p.name for p in tmp_path.iterdir()] == ["m.bin"]

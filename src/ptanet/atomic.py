@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 
-def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``."""
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False,
+                 check: Callable[[Path], None] | None = None) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    ``check(temporary_path)``, if given, runs on the complete file before the rename; raising there
+    leaves ``path`` as it was (e.g. an exported model that does not load is never published)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -25,6 +29,8 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -33,4 +39,4 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
 
 
 def write_json_atomic(path: str | Path, data: Any, indent: int | None = None) -> Path:
-    return atomic_write(path, lambda f: json.dump(data, f, indent=indent))
+    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=indent) + "\n"))

@@ -18,7 +18,6 @@ import copy
 import io
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 import ptanet
+from ptanet.atomic import atomic_write, write_json_atomic
 from ptanet.checkpoint import Checkpoint, load_checkpoint, versions
 from ptanet.data.preprocess import Preprocess
 from ptanet.models import MobileNetV2, config_label, is_pta, parse_config, parse_configs
@@ -224,18 +224,13 @@ def _export_static(module: nn.Module, config: str | None, src: _Source, out_path
     proto.doc_string = f"ptanet {config_label(config)}: face anti-spoofing; spoof_score = P(spoof)"
     onnx.checker.check_model(proto)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        diff = _verify(Path(tmp), scorer, size, 3 if dynamic_batch else 1, out_path)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    diff = float("nan")
+
+    def verify(tmp: Path) -> None:  # on the written bytes, before they replace out_path
+        nonlocal diff
+        diff = _verify(tmp, scorer, size, 3 if dynamic_batch else 1, out_path)
+
+    atomic_write(out_path, lambda f: f.write(proto.SerializeToString()), binary=True, check=verify)
     opset_written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return {"path": str(out_path), "config": config, "model": config_label(config), "opset": opset_written,
             "max_abs_diff": diff, "size_bytes": out_path.stat().st_size}
@@ -294,17 +289,6 @@ def export_all(
         "preprocess": src.preprocess, "labels": {str(k): v for k, v in src.labels.items()},
         "models": entries,
     }
-    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest, indent=2)
     return manifest
 
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
