@@ -163,6 +163,12 @@ def test_crop_cache_errors(tmp_path, tiny_items):
     prepare_cache(tiny_items[:3], tmp_path / "d", SMALL, workers=0, progress=False)
     with pytest.raises(IndexError, match="rows out of range"):
         CropCache(tmp_path / "d", rows=[0, 3])
+    whole, read_again = CropCache(tmp_path / "d"), CropCache(tmp_path / "d", rows=[2, 0])
+    part = whole.part([2, 0])
+    assert part.rels == read_again.rels == [whole.rels[2], whole.rels[0]] and len(whole) == 3
+    np.testing.assert_array_equal(part.crops[0], whole.crops[2])
+    with pytest.raises(ValueError, match="already a part"):
+        part.part([0])
     # Crops cut with another box enlargement are not what the model was trained on.
     with pytest.raises(ValueError, match="box_scale 1.0.*1.5"):
         CropDataset(CropCache(tmp_path / "d"), Preprocess(size=32, box_scale=1.5))

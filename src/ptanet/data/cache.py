@@ -22,6 +22,7 @@ changes the fingerprint and rebuilds the cache from scratch.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -345,14 +346,26 @@ class CropCache:
         if not len(self.crops) == len(self.rels) == len(self.labels) == len(self.subjects):
             raise ValueError(f"{self.cache_dir}: crops.npy and index.json disagree in length; "
                              "delete the folder and prepare it again")
-        self.rows = None if rows is None else np.asarray(list(rows), dtype=np.int64)
+        self.rows = None
+        if rows is not None:
+            self._select(rows)
+
+    def _select(self, rows: Iterable[int]) -> None:
+        self.rows = np.asarray(list(rows), dtype=np.int64)
+        if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= len(self.crops)):
+            raise IndexError(f"{self.cache_dir}: rows out of range for its {len(self.crops)} crops")
+        self.crops = _Rows(self.crops, self.rows)
+        self.labels, self.spoof_types = self.labels[self.rows], self.spoof_types[self.rows]
+        self.rels = [self.rels[r] for r in self.rows]
+        self.subjects = [self.subjects[r] for r in self.rows]
+
+    def part(self, rows: Iterable[int]) -> "CropCache":
+        """The same as `CropCache(self.cache_dir, rows)` for a whole cache, without reading its files again."""
         if self.rows is not None:
-            if len(self.rows) and (self.rows.min() < 0 or self.rows.max() >= len(self.crops)):
-                raise IndexError(f"{self.cache_dir}: rows out of range for its {len(self.crops)} crops")
-            self.crops = _Rows(self.crops, self.rows)
-            self.labels, self.spoof_types = self.labels[self.rows], self.spoof_types[self.rows]
-            self.rels = [self.rels[r] for r in self.rows]
-            self.subjects = [self.subjects[r] for r in self.rows]
+            raise ValueError(f"{self!r} is already a part; take parts of the whole cache")
+        view = copy.copy(self)
+        view._select(rows)
+        return view
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -466,7 +479,7 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
     out["split"] = describe_split(train, val)
     row_of = {rel: row for row, rel in enumerate(out["train"].rels)}  # skipped items have no row
     # Each part keeps its items' order, so a part reads exactly as a cache of its own list would.
-    out["train"], out["val"] = (CropCache(out["train"].cache_dir, [row_of[i.rel] for i in part if i.rel in row_of])
+    out["train"], out["val"] = (out["train"].part([row_of[i.rel] for i in part if i.rel in row_of])
                                 for part in (train, val))
     return out
 
