@@ -90,7 +90,8 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
             for rule, threshold in (("0.5", 0.5), ("eer@val", threshold_eer)):
                 m = compute_metrics(scores, measured.labels, threshold=threshold,
                                     spoof_types=caches[split].spoof_types[measured.indices])
-                per_subject = errors_per_group(scores, measured.labels, caches[split].subjects, threshold)
+                subjects = [caches[split].subjects[i] for i in measured.indices]
+                per_subject = errors_per_group(scores, measured.labels, subjects, threshold)
                 rows.append({"model": config_label(config), "config": config, "bn": bn, "split": split, "threshold_rule": rule,
                              "checkpoint": str(path), **m, "threshold": threshold, "per_subject": per_subject})
             log(f"{config_label(config)} ({bn} BN): {split} ACER {100 * rows[-2]['acer']:.2f}% at 0.5, "
