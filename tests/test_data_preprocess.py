@@ -175,6 +175,23 @@ def test_affine_moves_or_scales_some_crops_and_only_when_asked():
     assert 5 < sum(moved(make_train_augment(seed=4, affine=True))) < 40
 
 
+def test_zoom_magnifies_some_crops_by_at_most_its_factor():
+    crop = np.zeros((64, 64, 3), np.uint8)
+    crop[24:40, 24:40] = 255  # a bright 16 x 16 square in the centre
+
+    def bright_areas(augment) -> list[int]:
+        outs = [augment(image=crop)["image"] for _ in range(60)]
+        assert all(o.shape == crop.shape for o in outs)  # resized back to the crop's size
+        return [int((o.mean(axis=2) > 128).sum()) for o in outs]
+
+    assert max(bright_areas(make_train_augment(seed=5, size=64))) <= 300  # zoom 1 (off): never magnified
+    areas = bright_areas(make_train_augment(seed=5, zoom=2.0, size=64))
+    assert 10 < sum(a > 300 for a in areas) < 50  # p = 0.5
+    assert max(areas) <= 34 ** 2  # a window of at least half the side: at most 2x magnified (+ edge pixels)
+    with pytest.raises(ValueError, match="zoom"):
+        make_train_augment(zoom=0.5)
+
+
 # --- detectors -------------------------------------------------------------------------------------
 def test_detector_specs_are_validated(tmp_path):
     with pytest.raises(ValueError, match="unknown face detector"):

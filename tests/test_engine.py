@@ -127,11 +127,13 @@ def test_cli_train_flags_reach_the_settings(tmp_path, monkeypatch):
     yml = tmp_path / "r.yaml"
     yml.write_text("ema_decay: 0.9\nbox_scale: 1.2\nepochs: 3\n")
     assert main(["train", "--data", "d", "--out", str(tmp_path / "r"), "--config", str(yml), "--ema", "0.995",
-                 "--box-scale", "1.5", "--bn-augment", "--class-weights", "balanced", "--resume"]) == 0
+                 "--box-scale", "1.5", "--zoom", "1.8", "--bn-augment", "--class-weights", "balanced", "--resume"]) == 0
     settings, resume = seen[0]
     assert (settings.ema_decay, settings.box_scale, settings.epochs) == (0.995, 1.5, 3)  # flags over the file
+    assert settings.zoom == 1.8
     assert settings.bn_augment and settings.class_weights == "balanced" and resume
     assert main(["train", "--data", "d", "--box-scale", "0"]) == 2  # refused before any work
+    assert main(["train", "--data", "d", "--zoom", "0.5"]) == 2
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_synth, tmp_path, monkeypatch):

@@ -177,6 +177,8 @@ def _add_train(sub) -> None:
                    help="add a random horizontal flip to the augmentations (not in the paper)")
     p.add_argument("--affine", action="store_const", const=True, default=None,
                    help="add a small random scale/shift/rotation to the augmentations (not in the paper)")
+    p.add_argument("--zoom", type=float, metavar="Z",
+                   help="half the time, train on a random window of 1/Z to all of the crop's side (default 1: off)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="default: constant (the paper's)")
     p.add_argument("--ema", dest="ema_decay", type=float, metavar="DECAY",
                    help="validate and keep an exponential moving average of the weights, e.g. 0.995 (not in the paper)")
@@ -214,7 +216,7 @@ def _cmd_train(args) -> int:
     bn_configs = [] if args.bn_configs == "none" else args.bn_configs
     settings = resolve_settings(
         args.config_file, data=args.data, out=args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, width_mult=args.width_mult, augment=args.augment, hflip=args.hflip, affine=args.affine, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, class_weights=args.class_weights, sampling=_parse_sampling(args.sampling),
+        lr=args.lr, width_mult=args.width_mult, augment=args.augment, hflip=args.hflip, affine=args.affine, zoom=args.zoom, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, class_weights=args.class_weights, sampling=_parse_sampling(args.sampling),
         val_configs=args.val_configs, select_config=args.select_config, bn_configs=bn_configs, bn_images=args.bn_images, bn_augment=args.bn_augment,
         max_batches=args.max_batches, workers=args.workers, **_data_overrides(args),
     )

@@ -60,6 +60,9 @@ class TrainSettings:
     augment: bool = True  # colour jitter + ISO noise
     hflip: bool = False  # also a random horizontal flip (not in the paper)
     affine: bool = False  # also a small random scale/shift/rotation (not in the paper)
+    # > 1: half the time, train on a random square window of 1/zoom to all of the crop's side, resized
+    # back (not in the paper; see make_train_augment). 1.0 is off.
+    zoom: float = 1.0
     # "constant" (the paper's) or "cosine": the learning rate decays from `lr` towards 0 over the
     # epochs, so the last epochs take small steps and the weights settle instead of wandering.
     lr_schedule: str = "constant"
@@ -104,6 +107,8 @@ class TrainSettings:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
+        if not self.zoom >= 1.0:
+            raise ValueError(f"zoom must be >= 1 (1 is off), got {self.zoom!r}")
         if self.val_split not in ("subject", "random"):
             raise ValueError(f"val_split must be 'subject' or 'random', got {self.val_split!r}")
         for name in ("epochs", "batch_size", "size"):
@@ -384,7 +389,7 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
     log(data["split"])
     preprocess = settings.preprocess
     train_set = CropDataset(data["train"], preprocess, augment=settings.augment, seed=settings.seed, hflip=settings.hflip,
-                            affine=settings.affine)
+                            affine=settings.affine, zoom=settings.zoom)
     val_set = CropDataset(data["val"], preprocess, augment=False)
 
     torch.manual_seed(settings.seed)  # weight initialisation

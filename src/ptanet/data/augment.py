@@ -1,5 +1,6 @@
 """Training-time augmentations of the paper (Section 4): colour jitter and ISO noise, plus an optional
-horizontal flip and an optional small affine jitter (neither in the paper; see ``make_train_augment``).
+horizontal flip, an optional small affine jitter and an optional zoom into the crop (none of them in the paper;
+see ``make_train_augment``).
 
 All ranges are explicit: albumentations 2.x's ColorJitter default hue range is (-0.5, 0.5), i.e. the
 whole hue wheel, which would turn faces blue or green and destroy the colour cues that separate live
@@ -21,7 +22,8 @@ AFFINE = {"scale": (0.9, 1.1), "translate_percent": (-0.05, 0.05), "rotate": (-1
           "border_mode": cv2.BORDER_REFLECT_101}
 
 
-def make_train_augment(seed: int | None = None, hflip: bool = False, affine: bool = False) -> A.Compose:
+def make_train_augment(seed: int | None = None, hflip: bool = False, affine: bool = False, zoom: float = 1.0,
+                       size: int = 128) -> A.Compose:
     """Compose of ColorJitter and ISONoise, each applied with p=0.5, to uint8 HxWx3 RGB crops;
     with ``hflip`` also a horizontal flip with p=0.5.
 
@@ -30,12 +32,21 @@ def make_train_augment(seed: int | None = None, hflip: bool = False, affine: boo
     mirror raised test ACER from 4.2 % to 9.7 %), which is why the flip is offered; yet training
     with it made nuaa-dev test ACER worse in both runs that tried it (README), so it stays off.
     ``affine`` adds ``AFFINE`` with p=0.5 (did not help on nuaa-dev either).
+    ``zoom`` > 1 first zooms in, with p=0.5: a square window whose side is between 1/zoom of the crop
+    and all of it (uniform in area), at a random place, resized back to ``size`` x ``size`` (the crops'
+    side). With a wide crop (``box_scale`` > 1) the network then also trains on views where a photo's
+    edge or the background is out of sight, and must find the spoof in the face itself.
 
     Call it as `augment(image=crop)["image"]`; the result is uint8 of the same shape. The Compose has its
     own random state (`seed`), independent of numpy's, Python's and torch's global generators, so
     augmenting never disturbs other seeded sampling (e.g. of PTA configurations).
     """
-    transforms = [A.ColorJitter(**COLOR_JITTER, p=0.5), A.ISONoise(**ISO_NOISE, p=0.5)]
+    if zoom < 1.0:
+        raise ValueError(f"zoom must be >= 1 (1 is off), got {zoom}")
+    transforms = []
+    if zoom > 1.0:  # before the noise, so that the sensor noise is not magnified with the pixels
+        transforms.append(A.RandomResizedCrop(size=(size, size), scale=(1.0 / zoom ** 2, 1.0), ratio=(1.0, 1.0), p=0.5))
+    transforms += [A.ColorJitter(**COLOR_JITTER, p=0.5), A.ISONoise(**ISO_NOISE, p=0.5)]
     if hflip:
         transforms.append(A.HorizontalFlip(p=0.5))
     if affine:

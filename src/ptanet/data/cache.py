@@ -392,7 +392,8 @@ class CropDataset(Dataset):
     """
 
     def __init__(self, cache: CropCache, preprocess: Preprocess, augment: bool = False, seed: int = 0,
-                 indices: Iterable[int] | None = None, hflip: bool = False, affine: bool = False) -> None:
+                 indices: Iterable[int] | None = None, hflip: bool = False, affine: bool = False,
+                 zoom: float = 1.0) -> None:
         if preprocess.size != cache.crops.shape[1]:
             raise ValueError(f"{cache.cache_dir}: crops are {cache.crops.shape[1]}px but preprocess.size "
                              f"is {preprocess.size}; prepare a cache with the same size")
@@ -401,7 +402,8 @@ class CropDataset(Dataset):
                              f"box_scale {cache.preprocess.box_scale}, but the model expects {preprocess.box_frame}, "
                              f"{preprocess.box_scale}; prepare a cache with the model's settings")
         self.cache, self.preprocess, self.augment, self.seed = cache, preprocess, augment, seed
-        self.hflip, self.affine = hflip, affine  # parts of the augmentation: ignored when augment is False
+        # parts of the augmentation: ignored when augment is False
+        self.hflip, self.affine, self.zoom = hflip, affine, zoom
         self.indices = (np.arange(len(cache)) if indices is None
                         else np.asarray(list(indices), dtype=np.int64))
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(cache)):
@@ -423,7 +425,8 @@ class CropDataset(Dataset):
         key = (os.getpid(), worker, self.epoch)
         if self._augmenter_key != key:
             seed = np.random.SeedSequence([self.seed, self.epoch, worker + 1]).generate_state(1)[0]
-            self._augmenter, self._augmenter_key = make_train_augment(seed=int(seed), hflip=self.hflip, affine=self.affine), key
+            self._augmenter, self._augmenter_key = make_train_augment(
+                seed=int(seed), hflip=self.hflip, affine=self.affine, zoom=self.zoom, size=self.preprocess.size), key
         return self._augmenter
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
