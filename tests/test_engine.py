@@ -71,6 +71,31 @@ def test_balanced_class_weights_by_hand():
         resolve_settings(class_weights="inverse")
 
 
+def test_group_balanced_weights_by_hand():
+    # groups (a, live): 3 images, (a, spoof): 1, (b, spoof): 2 -> weights 1/3, 1, 1/2 per image
+    subjects, labels = ["a", "a", "a", "a", "b", "b"], [0, 0, 0, 1, 1, 1]
+    w = engine.group_balanced_weights(subjects, labels)
+    torch.testing.assert_close(w, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0, 0.5, 0.5], dtype=torch.float64))
+    drawn = torch.multinomial(w, 30000, replacement=True, generator=torch.Generator().manual_seed(0)).tolist()
+    per_group = Counter((subjects[i], labels[i]) for i in drawn)
+    assert all(abs(n / 30000 - 1 / 3) < 0.02 for n in per_group.values()) and len(per_group) == 3
+    with pytest.raises(ValueError, match="balance must be None or 'subject'"):
+        resolve_settings(balance="class")
+
+
+def test_balance_subject_draws_training_images_by_its_weights(tiny_synth, tmp_path, monkeypatch):
+    # Weights that pick one image only: every image the epoch reads must then be that one.
+    monkeypatch.setattr(engine, "group_balanced_weights",
+                        lambda subjects, labels: torch.nn.functional.one_hot(torch.tensor(5), len(labels)).double())
+    read = []
+    real_getitem = CropDataset.__getitem__
+    monkeypatch.setattr(CropDataset, "__getitem__", lambda self, i: read.append((self.augment, int(self.indices[i])))
+                        or real_getitem(self, i))
+    train(tiny_settings(tiny_synth, tmp_path / "bal", epochs=1, balance="subject", bn_configs=[], max_batches=3), **QUIET)
+    rows = [row for augmented, row in read if augmented]
+    assert len(rows) >= 12 and set(rows) == {5}  # 3 batches of 4 (the loop reads one more before it stops)
+
+
 def test_defaults_are_the_papers_and_precedence(tmp_path):
     s = TrainSettings()
     assert (s.epochs, s.batch_size, s.lr, s.size, s.arch) == (20, 32, 1e-4, 128, "pta_mobilenet_v2")
@@ -127,10 +152,10 @@ def test_cli_train_flags_reach_the_settings(tmp_path, monkeypatch):
     yml = tmp_path / "r.yaml"
     yml.write_text("ema_decay: 0.9\nbox_scale: 1.2\nepochs: 3\n")
     assert main(["train", "--data", "d", "--out", str(tmp_path / "r"), "--config", str(yml), "--ema", "0.995",
-                 "--box-scale", "1.5", "--zoom", "1.8", "--bn-augment", "--class-weights", "balanced", "--resume"]) == 0
+                 "--box-scale", "1.5", "--zoom", "1.8", "--balance", "subject", "--bn-augment", "--class-weights", "balanced", "--resume"]) == 0
     settings, resume = seen[0]
     assert (settings.ema_decay, settings.box_scale, settings.epochs) == (0.995, 1.5, 3)  # flags over the file
-    assert settings.zoom == 1.8
+    assert settings.zoom == 1.8 and settings.balance == "subject"
     assert settings.bn_augment and settings.class_weights == "balanced" and resume
     assert main(["train", "--data", "d", "--box-scale", "0"]) == 2  # refused before any work
     assert main(["train", "--data", "d", "--zoom", "0.5"]) == 2

@@ -184,6 +184,8 @@ def _add_train(sub) -> None:
                    help="validate and keep an exponential moving average of the weights, e.g. 0.995 (not in the paper)")
     p.add_argument("--class-weights", choices=("balanced",),
                    help="weight the loss so live and spoof count alike (default: plain cross-entropy, the paper's)")
+    p.add_argument("--balance", choices=("subject",),
+                   help="draw every (subject, class) group equally often (default: a plain shuffle, the paper's)")
     p.add_argument("--sampling", help="training distribution, e.g. HHH=0.45,LHH=0.15,HLH=0.15,HHL=0.15,LLL=0.1 (Table 2)")
     p.add_argument("--val-configs", help="configurations validated each epoch: paper (default), all, or a list")
     p.add_argument("--select-config", help="the configuration whose validation ACER picks the best epoch (default: HHH)")
@@ -216,7 +218,7 @@ def _cmd_train(args) -> int:
     bn_configs = [] if args.bn_configs == "none" else args.bn_configs
     settings = resolve_settings(
         args.config_file, data=args.data, out=args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, width_mult=args.width_mult, augment=args.augment, hflip=args.hflip, affine=args.affine, zoom=args.zoom, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, class_weights=args.class_weights, sampling=_parse_sampling(args.sampling),
+        lr=args.lr, width_mult=args.width_mult, augment=args.augment, hflip=args.hflip, affine=args.affine, zoom=args.zoom, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, class_weights=args.class_weights, balance=args.balance, sampling=_parse_sampling(args.sampling),
         val_configs=args.val_configs, select_config=args.select_config, bn_configs=bn_configs, bn_images=args.bn_images, bn_augment=args.bn_augment,
         max_batches=args.max_batches, workers=args.workers, **_data_overrides(args),
     )

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from ptanet.atomic import write_json_atomic
@@ -76,6 +77,11 @@ class TrainSettings:
     # None: plain cross-entropy (the paper). "balanced": each class weighted by N / (2 N_class), so
     # the loss, like ACER, counts live and spoof errors alike whatever the class ratio in train.
     class_weights: str | None = None
+    # None: every epoch is a shuffle of the training images (the paper). "subject": draw them, with
+    # replacement, so that every (subject, class) group is drawn equally often. With few people and
+    # unequal counts (nuaa-dev: 41 live against 200 spoof images of one person, 254 against 202 of
+    # another) who is in a picture predicts its label; balanced groups take that shortcut away.
+    balance: str | None = None
     val_fraction: float = 0.2
     val_split: str = "subject"  # "random" reproduces the paper (it leaks identities into validation)
     sampling: dict[str, float] = field(default_factory=lambda: dict(PAPER_SAMPLING))
@@ -103,6 +109,8 @@ class TrainSettings:
         self.select_config = parse_config(self.select_config)
         if self.class_weights not in (None, "balanced"):
             raise ValueError(f"class_weights must be None or 'balanced', got {self.class_weights!r}")
+        if self.balance not in (None, "subject"):
+            raise ValueError(f"balance must be None or 'subject', got {self.balance!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -179,6 +187,14 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int = 2) -> torch.Te
     if (counts == 0).any():
         raise ValueError(f"cannot balance classes: a class has no training images (counts {counts.tolist()})")
     return torch.as_tensor(counts.sum() / (num_classes * counts), dtype=torch.float32)
+
+
+def group_balanced_weights(subjects: list[str], labels: np.ndarray) -> torch.Tensor:
+    """Sampling weight per image, ``1 / size of its (subject, label) group``: every group present is
+    drawn equally often by a WeightedRandomSampler."""
+    groups = list(zip(subjects, np.asarray(labels).tolist()))
+    sizes = Counter(groups)
+    return torch.as_tensor([1.0 / sizes[g] for g in groups], dtype=torch.float64)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -402,6 +418,8 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
     # What is validated and kept as best.pt: the averaged weights when there are some.
     kept = ema.module if ema is not None else model
     loss_weight = balanced_class_weights(data["train"].labels) if settings.class_weights == "balanced" else None
+    draw_weights = (group_balanced_weights(data["train"].subjects, data["train"].labels)
+                    if settings.balance == "subject" else None)
     history: list[dict] = []
     start_epoch, best_epoch, best_key = 1, 0, (math.inf, math.inf)
     if resume and last_path.exists():
@@ -434,9 +452,12 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
     for epoch in epochs:
         torch.manual_seed(_epoch_seed(settings.seed, epoch, 0))  # dropout
         train_set.set_epoch(epoch)
-        loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=True, drop_last=True,
-                            num_workers=settings.workers,
-                            generator=torch.Generator().manual_seed(_epoch_seed(settings.seed, epoch, 1)))
+        order = torch.Generator().manual_seed(_epoch_seed(settings.seed, epoch, 1))
+        # As many draws per epoch as images, so epochs stay comparable with the paper's shuffle.
+        drawn = (WeightedRandomSampler(draw_weights, len(train_set), replacement=True, generator=order)
+                 if draw_weights is not None else None)
+        loader = DataLoader(train_set, batch_size=settings.batch_size, shuffle=drawn is None, sampler=drawn,
+                            drop_last=True, num_workers=settings.workers, generator=None if drawn else order)
         sampler = ConfigSampler(settings.sampling, [settings.seed, epoch, 2]) if is_pta(model) else None
         n_batches = len(loader) if settings.max_batches is None else min(len(loader), settings.max_batches)
         model.train()
