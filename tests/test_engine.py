@@ -243,6 +243,20 @@ def test_bn_augment_changes_only_the_recalibrated_statistics(tiny_synth, tmp_pat
         assert not all(torch.equal(ours[n][0], theirs[n][0]) for n in ours)  # means differ
 
 
+def test_augmented_recalibration_zooms_as_training_did(tiny_synth, tmp_path):
+    # Same weights, augmented recalibration with and without the zoom: the statistics must differ.
+    run = train(tiny_settings(tiny_synth, tmp_path / "z", epochs=1, zoom=2.0, bn_augment=True, bn_configs=["LLL"]), **QUIET)
+    zoomed = load_checkpoint(run.best_checkpoint)
+    assert zoomed.meta["bn_recalibration"]["zoom"] == 2.0
+    ours = {n: (m.clone(), v.clone()) for n, (m, v) in zoomed.model.bn_stats()["LLL"].items()}
+    data = engine.load_data(resolve_settings(**zoomed.meta["settings"]), progress=False)
+    engine._recalibrate_and_save(zoomed, tmp_path / "unzoomed.pt", data["train"], ["LLL"], 8, True, 0, False,
+                                 lambda *_: None, zoom=1.0)
+    unzoomed = load_checkpoint(tmp_path / "unzoomed.pt")
+    theirs = unzoomed.model.bn_stats()["LLL"]
+    assert not all(torch.equal(ours[n][0], theirs[n][0]) for n in ours)
+
+
 def test_recalibrate_checkpoint_equals_recalibration_in_training(tiny_synth, tmp_path):
     quiet = dict(progress=False, log=lambda *_: None)
     in_training = train(tiny_settings(tiny_synth, tmp_path / "a", epochs=1, bn_augment=True, bn_configs=["LLL"]), **quiet)
@@ -251,7 +265,8 @@ def test_recalibrate_checkpoint_equals_recalibration_in_training(tiny_synth, tmp
     out = engine.recalibrate_checkpoint(without.best_checkpoint, tmp_path / "b" / "recal.pt", configs=["lll"], augment=True, **quiet)
     assert (tmp_path / "b" / "best.pt").read_bytes() == before  # the original is untouched
     a, b = load_checkpoint(in_training.best_checkpoint), load_checkpoint(out)
-    assert b.model.bn_configs == ["LLL"] and b.meta["bn_recalibration"] == {"configs": ["LLL"], "images": 8, "augment": True}
+    assert b.model.bn_configs == ["LLL"] and b.meta["bn_recalibration"] == {"configs": ["LLL"], "images": 8, "augment": True,
+                                                                      "zoom": 1.0}
     assert a.meta["bn_recalibration"] == b.meta["bn_recalibration"]
     for n, (mean, var) in a.model.bn_stats()["LLL"].items():
         torch.testing.assert_close(b.model.bn_stats()["LLL"][n], (mean, var))

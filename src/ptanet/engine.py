@@ -281,14 +281,18 @@ def recalibrate_bn(model: PTAMobileNetV2, dataset: CropDataset, configs: Iterabl
 
 
 def _recalibrate_and_save(ck, path: Path, train_cache, configs: list[str], num_images: int, augment: bool, seed: int,
-                          progress: bool, log) -> None:
+                          progress: bool, log, zoom: float = 1.0) -> None:
     log(f"re-estimating BatchNorm statistics for {len(configs)} configurations on {num_images} "
         f"{'augmented' if augment else 'plain'} training crops")
-    crops = CropDataset(train_cache, Preprocess.from_dict(ck.preprocess), augment=augment, hflip=True, seed=seed)
+    # Augmented crops include the training's zoom: the statistics should describe the mix of views
+    # the weights were trained on (with zoom, half of them magnified), as they do for colour and noise.
+    crops = CropDataset(train_cache, Preprocess.from_dict(ck.preprocess), augment=augment, hflip=True, seed=seed,
+                        zoom=zoom)
     active = ck.model.config
     recalibrate_bn(ck.model, crops, configs, num_images, seed=seed, progress=progress)
     ck.model.set_config(active)
-    meta = {**ck.meta, "bn_recalibration": {"configs": list(configs), "images": num_images, "augment": augment}}
+    meta = {**ck.meta, "bn_recalibration": {"configs": list(configs), "images": num_images, "augment": augment,
+                                            "zoom": zoom if augment else 1.0}}
     save_checkpoint(path, ck.model, ck.preprocess, meta=meta)
 
 
@@ -314,7 +318,8 @@ def recalibrate_checkpoint(path: str | Path, out: str | Path | None = None, conf
     data = load_data(settings, progress)
     out = Path(out) if out else path
     _recalibrate_and_save(ck, out, data["train"], configs, settings.bn_images if num_images is None else num_images,
-                          settings.bn_augment if augment is None else augment, settings.seed, progress, log)
+                          settings.bn_augment if augment is None else augment, settings.seed, progress, log,
+                          zoom=settings.zoom)
     return out
 
 
@@ -529,5 +534,5 @@ def train(settings: TrainSettings, resume: bool = False, progress: bool = True, 
     best = load_checkpoint(best_path)
     if is_pta(best.model) and settings.bn_configs and settings.bn_images > 0:
         _recalibrate_and_save(best, best_path, data["train"], settings.bn_configs, settings.bn_images,
-                              settings.bn_augment, settings.seed, progress, log)
+                              settings.bn_augment, settings.seed, progress, log, zoom=settings.zoom)
     return TrainResult(run, best_path, best.meta.get("epoch", best_epoch), best.meta.get("val", {}), history)
