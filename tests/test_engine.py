@@ -277,12 +277,13 @@ def test_recalibrate_checkpoint_equals_recalibration_in_training(tiny_synth, tmp
 
 def test_shipped_recipes_resolve(tmp_path):
     recipes = Path(__file__).resolve().parents[1] / "recipes"
-    shipped = {"nuaa_all_subjects.yaml": (None, 1.0), "nuaa_all_subjects_ema.yaml": (0.995, 1.0),
-               "nuaa_context.yaml": (None, 1.5)}
+    shipped = {"nuaa_all_subjects.yaml": (None, 1.0, 1.0), "nuaa_all_subjects_ema.yaml": (0.995, 1.0, 1.0),
+               "nuaa_context.yaml": (None, 1.5, 1.0), "nuaa_zoom.yaml": (None, 1.8, 1.8)}
     assert sorted(p.name for p in recipes.glob("*.yaml")) == sorted(shipped)  # a new recipe gets checked here
-    for name, (ema_decay, box_scale) in shipped.items():
+    for name, (ema_decay, box_scale, zoom) in shipped.items():
         s = resolve_settings(str(recipes / name))
-        assert (s.val_split, s.val_fraction, s.bn_augment, s.ema_decay, s.box_scale) == ("random", 0.1, True, ema_decay, box_scale)
+        assert (s.val_split, s.val_fraction, s.bn_augment, s.ema_decay, s.box_scale, s.zoom) == (
+            "random", 0.1, True, ema_decay, box_scale, zoom)
         assert (s.epochs, s.lr, s.sampling) == (20, 1e-4, PAPER_SAMPLING)  # otherwise the paper's
 
 
