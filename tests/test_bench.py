@@ -3,7 +3,7 @@
 import pytest
 
 from ptanet.bench import complexity_table, latency_table
-from ptanet.models import all_configs
+from ptanet.configs import all_configs
 
 # Paper Table 4: (params M, Mops) at 128x128.
 TABLE4 = {

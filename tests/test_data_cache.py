@@ -17,8 +17,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ptanet.data import (CropCache, CropDataset, Preprocess, Reason, bench_loader, build_datasets,
-                         load_celeba, load_folder, prepare_cache, read_image_rgb, split_train_val)
+from ptanet.data import (CropCache, CropDataset, bench_loader, build_datasets, load_celeba, load_folder, prepare_cache,
+                         split_train_val)
+from ptanet.preprocess import Preprocess, Reason, read_image_rgb
 
 SMALL = Preprocess(size=32)
 

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from ptanet.data import (SPOOF_TYPES, Reason, describe_split, load_celeba, load_folder,
-                         split_train_val)
+from ptanet.data import SPOOF_TYPES, describe_split, load_celeba, load_folder, split_train_val
 from ptanet.data.celeba import Item
+from ptanet.preprocess import Reason
 
 
 # --- the real nuaa-dev set ---------------------------------------------------------------------------

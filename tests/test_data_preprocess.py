@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ptanet.data import Preprocess, make_detector, make_train_augment, read_image_rgb
-from ptanet.data.preprocess import EmptyBoxError, ImageReadError
+from ptanet.data import make_train_augment
+from ptanet.detect import make_detector
+from ptanet.preprocess import EmptyBoxError, ImageReadError, Preprocess, read_image_rgb
 
 
 def noise(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -7,10 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptanet import engine
+from ptanet.train import batchnorm, loop
 from ptanet.checkpoint import load_checkpoint
-from ptanet.data import CropDataset, Preprocess
-from ptanet.engine import PAPER_SAMPLING, ConfigSampler, NonFiniteLossError, TrainSettings, recalibrate_bn, resolve_settings, train
+from ptanet.data import CropDataset
+from ptanet.preprocess import Preprocess
+from ptanet.configs import PAPER_SAMPLING, ConfigSampler
+from ptanet.train.batchnorm import recalibrate_bn
+from ptanet.train.loop import NonFiniteLossError, train
+from ptanet.train.settings import TrainSettings, load_data, resolve_settings
 from ptanet.models import is_pta, pta_mobilenet_v2
 
 
@@ -64,9 +68,9 @@ def test_sampler_same_seed_same_sequence():
 
 def test_balanced_class_weights_by_hand():
     # 3 live, 1 spoof: N / (2 N_c) = 4/6 and 4/2.
-    torch.testing.assert_close(engine.balanced_class_weights([0, 0, 0, 1]), torch.tensor([2 / 3, 2.0]))
+    torch.testing.assert_close(loop.balanced_class_weights([0, 0, 0, 1]), torch.tensor([2 / 3, 2.0]))
     with pytest.raises(ValueError, match="a class has no training images"):
-        engine.balanced_class_weights([1, 1])
+        loop.balanced_class_weights([1, 1])
     with pytest.raises(ValueError, match="class_weights must be None or 'balanced'"):
         resolve_settings(class_weights="inverse")
 
@@ -74,7 +78,7 @@ def test_balanced_class_weights_by_hand():
 def test_group_balanced_weights_by_hand():
     # groups (a, live): 3 images, (a, spoof): 1, (b, spoof): 2 -> weights 1/3, 1, 1/2 per image
     subjects, labels = ["a", "a", "a", "a", "b", "b"], [0, 0, 0, 1, 1, 1]
-    w = engine.group_balanced_weights(subjects, labels)
+    w = loop.group_balanced_weights(subjects, labels)
     torch.testing.assert_close(w, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0, 0.5, 0.5], dtype=torch.float64))
     drawn = torch.multinomial(w, 30000, replacement=True, generator=torch.Generator().manual_seed(0)).tolist()
     per_group = Counter((subjects[i], labels[i]) for i in drawn)
@@ -85,7 +89,7 @@ def test_group_balanced_weights_by_hand():
 
 def test_balance_subject_draws_training_images_by_its_weights(tiny_synth, tmp_path, monkeypatch):
     # Weights that pick one image only: every image the epoch reads must then be that one.
-    monkeypatch.setattr(engine, "group_balanced_weights",
+    monkeypatch.setattr(loop, "group_balanced_weights",
                         lambda subjects, labels: torch.nn.functional.one_hot(torch.tensor(5), len(labels)).double())
     read = []
     real_getitem = CropDataset.__getitem__
@@ -147,8 +151,8 @@ def test_cli_train_flags_reach_the_settings(tmp_path, monkeypatch):
     from ptanet.cli import main
 
     seen = []
-    monkeypatch.setattr(engine, "train", lambda settings, resume: seen.append((settings, resume)) or
-                        engine.TrainResult(Path(settings.out), Path(settings.out) / "best.pt", 1, {}, []))
+    monkeypatch.setattr(loop, "train", lambda settings, resume: seen.append((settings, resume)) or
+                        loop.TrainResult(Path(settings.out), Path(settings.out) / "best.pt", 1, {}, []))
     yml = tmp_path / "r.yaml"
     yml.write_text("ema_decay: 0.9\nbox_scale: 1.2\nepochs: 3\n")
     assert main(["train", "--data", "d", "--out", str(tmp_path / "r"), "--config", str(yml), "--ema", "0.995",
@@ -199,15 +203,15 @@ def test_ema_averages_every_iteration_is_what_best_keeps_and_resumes_exactly(tin
     kw = dict(epochs=3, bn_configs=[], ema_decay=0.9, lr=1e-3, val_configs=["HHH"])
     name = "classifier.1.weight"
     seen = []  # the trained weight after every iteration, as handed to the average
-    real_update = engine.AveragedModel.update_parameters
+    real_update = loop.AveragedModel.update_parameters
 
     def recording_update(self, model):
         seen.append(model.state_dict()[name].clone())
         return real_update(self, model)
 
-    monkeypatch.setattr(engine.AveragedModel, "update_parameters", recording_update)
+    monkeypatch.setattr(loop.AveragedModel, "update_parameters", recording_update)
     full = train(tiny_settings(tiny_synth, tmp_path / "full", **kw), **QUIET)
-    monkeypatch.setattr(engine.AveragedModel, "update_parameters", real_update)
+    monkeypatch.setattr(loop.AveragedModel, "update_parameters", real_update)
     per_epoch = sum(full.history[0]["config_counts"].values())
     expected, by_epoch = seen[0], {}
     for i, w in enumerate(seen):
@@ -249,8 +253,8 @@ def test_augmented_recalibration_zooms_as_training_did(tiny_synth, tmp_path):
     zoomed = load_checkpoint(run.best_checkpoint)
     assert zoomed.meta["bn_recalibration"]["zoom"] == 2.0
     ours = {n: (m.clone(), v.clone()) for n, (m, v) in zoomed.model.bn_stats()["LLL"].items()}
-    data = engine.load_data(resolve_settings(**zoomed.meta["settings"]), progress=False)
-    engine._recalibrate_and_save(zoomed, tmp_path / "unzoomed.pt", data["train"], ["LLL"], 8, True, 0, False,
+    data = load_data(resolve_settings(**zoomed.meta["settings"]), progress=False)
+    batchnorm.recalibrate_and_save(zoomed, tmp_path / "unzoomed.pt", data["train"], ["LLL"], 8, True, 0, False,
                                  lambda *_: None, zoom=1.0)
     unzoomed = load_checkpoint(tmp_path / "unzoomed.pt")
     theirs = unzoomed.model.bn_stats()["LLL"]
@@ -262,7 +266,7 @@ def test_recalibrate_checkpoint_equals_recalibration_in_training(tiny_synth, tmp
     in_training = train(tiny_settings(tiny_synth, tmp_path / "a", epochs=1, bn_augment=True, bn_configs=["LLL"]), **quiet)
     without = train(tiny_settings(tiny_synth, tmp_path / "b", epochs=1, bn_configs=[]), **quiet)
     before = (tmp_path / "b" / "best.pt").read_bytes()
-    out = engine.recalibrate_checkpoint(without.best_checkpoint, tmp_path / "b" / "recal.pt", configs=["lll"], augment=True, **quiet)
+    out = batchnorm.recalibrate_checkpoint(without.best_checkpoint, tmp_path / "b" / "recal.pt", configs=["lll"], augment=True, **quiet)
     assert (tmp_path / "b" / "best.pt").read_bytes() == before  # the original is untouched
     a, b = load_checkpoint(in_training.best_checkpoint), load_checkpoint(out)
     assert b.model.bn_configs == ["LLL"] and b.meta["bn_recalibration"] == {"configs": ["LLL"], "images": 8, "augment": True,
@@ -272,7 +276,7 @@ def test_recalibrate_checkpoint_equals_recalibration_in_training(tiny_synth, tmp
         torch.testing.assert_close(b.model.bn_stats()["LLL"][n], (mean, var))
     base = train(tiny_settings(tiny_synth, tmp_path / "c", epochs=1, arch="mobilenet_v2"), **quiet)
     with pytest.raises(ValueError, match="has no configurations to recalibrate"):
-        engine.recalibrate_checkpoint(base.best_checkpoint, **quiet)
+        batchnorm.recalibrate_checkpoint(base.best_checkpoint, **quiet)
 
 
 def test_shipped_recipes_resolve(tmp_path):
@@ -287,21 +291,6 @@ def test_shipped_recipes_resolve(tmp_path):
         assert (s.epochs, s.lr, s.sampling) == (20, 1e-4, PAPER_SAMPLING)  # otherwise the paper's
 
 
-def test_resumes_a_run_saved_before_the_loss_tie_break(tiny_synth, tmp_path):
-    from ptanet.checkpoint import save_checkpoint
-
-    quiet = dict(progress=False, log=lambda *_: None)
-    s = tiny_settings(tiny_synth, tmp_path / "old", epochs=1, bn_configs=[])
-    train(s, **quiet)
-    last = load_checkpoint(tmp_path / "old" / "last.pt")
-    state = dict(last.train_state)
-    state["best_acer"] = state.pop("best_key")[0]  # the layout written before best_key existed
-    save_checkpoint(tmp_path / "old" / "last.pt", last.model, last.preprocess, last.meta, train_state=state)
-    resumed = train(tiny_settings(tiny_synth, tmp_path / "old", epochs=2, bn_configs=[]), resume=True, **quiet)
-    assert [h["epoch"] for h in resumed.history] == [1, 2]
-    assert "best_key" in load_checkpoint(tmp_path / "old" / "last.pt").train_state
-
-
 def test_non_finite_loss_stops_with_checkpoints_intact(tiny_synth, tmp_path, monkeypatch):
     s = tiny_settings(tiny_synth, tmp_path / "nan", epochs=1)
     train(s, progress=False, log=lambda *_: None)
@@ -311,7 +300,7 @@ def test_non_finite_loss_stops_with_checkpoints_intact(tiny_synth, tmp_path, mon
         out = real(logits, labels, *a, **k)
         return out * float("nan") if out.dim() == 0 and logits.requires_grad else out
 
-    monkeypatch.setattr(engine.F, "cross_entropy", nan_loss)
+    monkeypatch.setattr(loop.F, "cross_entropy", nan_loss)
     with pytest.raises(NonFiniteLossError, match="epoch 2, batch 1.*loss is nan.*last.pt holds the last finished epoch"):
         train(tiny_settings(tiny_synth, tmp_path / "nan", epochs=2), resume=True, progress=False, log=lambda *_: None)
     assert load_checkpoint(tmp_path / "nan" / "last.pt").train_state["epoch"] == 1
@@ -319,7 +308,7 @@ def test_non_finite_loss_stops_with_checkpoints_intact(tiny_synth, tmp_path, mon
 
 def test_recalibrate_bn_is_the_mean_over_the_crops(tiny_synth, tmp_path):
     s = tiny_settings(tiny_synth, tmp_path / "x")
-    data = engine.load_data(s, progress=False)
+    data = load_data(s, progress=False)
     dataset = CropDataset(data["train"], Preprocess(size=32))
     torch.manual_seed(0)
     model = pta_mobilenet_v2().eval()

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from ptanet.cli import main
-from ptanet.engine import resolve_settings, train
+from ptanet.train.loop import train
+from ptanet.train.settings import resolve_settings
 from ptanet.evaluate import evaluate_checkpoints, select, table3_markdown, write_table3
 
 
@@ -72,8 +73,10 @@ def test_cli_evaluate_and_errors(tiny_runs, tmp_path, capsys):
 
 def test_validation_split_measures_the_validation_part(tiny_runs, tmp_path, capsys):
     from ptanet.checkpoint import load_checkpoint
-    from ptanet.data import CropDataset, Preprocess
-    from ptanet.engine import load_data, predict
+    from ptanet.data import CropDataset
+    from ptanet.evaluate import predict
+    from ptanet.preprocess import Preprocess
+    from ptanet.train.settings import load_data
     from ptanet.metrics import compute_metrics
 
     rows = evaluate_checkpoints([tiny_runs["mobilenet_v2"]], split="val", progress=False, log=lambda *_: None)

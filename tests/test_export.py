@@ -11,8 +11,9 @@ from torch import nn
 
 import ptanet.export as export
 from ptanet.checkpoint import load_checkpoint, save_checkpoint
-from ptanet.data.preprocess import Preprocess
-from ptanet.export import export_all, export_onnx, ortsession, read_metadata
+from ptanet.export import export_all, export_onnx
+from ptanet.preprocess import Preprocess
+from ptanet.runtime import ortsession, read_metadata
 from ptanet.models import mobilenet_v2, pta_mobilenet_v2
 
 # Not the defaults, so a test can tell stored settings from defaults.

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ptanet.checkpoint import save_checkpoint
-from ptanet.data.preprocess import Preprocess, read_image_rgb
+from ptanet.preprocess import Preprocess, read_image_rgb
 from ptanet.export import export_onnx
 from ptanet.infer import Predictor
 from ptanet.models import pta_mobilenet_v2

@@ -7,17 +7,8 @@ import pytest
 import torch
 
 from ptanet.blocks import PTABlock
-from ptanet.models import (
-    PAPER_CONFIGS,
-    all_configs,
-    create_model,
-    list_models,
-    load_mobilenet_v2_weights,
-    mobilenet_v2,
-    parse_config,
-    parse_configs,
-    pta_mobilenet_v2,
-)
+from ptanet.configs import PAPER_CONFIGS, all_configs, parse_config, parse_configs
+from ptanet.models import create_model, list_models, load_mobilenet_v2_weights, mobilenet_v2, pta_mobilenet_v2
 
 MANIFEST = Path(__file__).parent / "data" / "torchvision_mobilenet_v2_num_classes2.json"
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from ptanet.engine import resolve_settings, train
+from ptanet.train.loop import train
+from ptanet.train.settings import resolve_settings
 from ptanet.evaluate import evaluate_checkpoints, select
 
 

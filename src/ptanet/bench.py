@@ -15,7 +15,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ptanet.models import PAPER_CONFIGS, config_label, create_model, parse_config
+from ptanet.configs import PAPER_CONFIGS, config_label, parse_config
+from ptanet.models import create_model
 
 COMPLEXITY_COLUMNS = [
     ("model", "Configuration", "str"),

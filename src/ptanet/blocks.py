@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# The three things a PTA block can execute (paper Section 5: H, L, B).
-MODES = ("H", "L", "B")
-
 
 class ConvBNReLU(nn.Sequential):
     """Conv -> BatchNorm -> ReLU6 (torchvision's ``Conv2dNormActivation`` with MobileNetV2's settings)."""

@@ -18,7 +18,7 @@ import torch
 
 import ptanet
 from ptanet.atomic import atomic_write
-from ptanet.models import MobileNetV2, create_model, is_pta
+from ptanet.models import MobileNetV2, create_model, held_config, is_pta
 
 FORMAT = "ptanet.checkpoint"
 FORMAT_VERSION = 1
@@ -53,7 +53,7 @@ def model_payload(model: MobileNetV2, preprocess: dict) -> dict:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": dict(model.arch),
-        "config": model.config if is_pta(model) else model.arch.get("config"),
+        "config": held_config(model),
         "preprocess": dict(preprocess),
         "labels": dict(ptanet.LABELS),
         "versions": versions(),

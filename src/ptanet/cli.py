@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ptanet.train.settings import add_setting_arguments, setting_overrides
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptanet", description=__doc__)
@@ -21,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, RuntimeError) as exc:
         # Library errors already name the file and the problem; print them without a traceback.
         print(f"ptanet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that exists as the wrong kind, no permission, a full disk, ...
+        where = exc.filename if exc.filename is not None else ""
+        message = f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
+        print(f"ptanet {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -62,7 +69,7 @@ def _add_complexity(sub) -> None:
 
 def _cmd_complexity(args) -> int:
     from ptanet.bench import COMPLEXITY_COLUMNS, LATENCY_COLUMNS, complexity_table, latency_table
-    from ptanet.models import parse_configs
+    from ptanet.configs import parse_configs
 
     configs = parse_configs("all" if args.all else args.configs)
     rows = complexity_table(configs, size=args.size)
@@ -99,44 +106,21 @@ def _cmd_synth(args) -> int:
     return 0
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", choices=("celeba", "folder"), help="data layout (default: celeba)")
-    p.add_argument("--protocol", help="CelebA-Spoof protocol folder under metas/ (default: intra_test)")
-    p.add_argument("--detect", help="face detector for images without boxes: haar, or yunet:PATH.onnx")
-    p.add_argument("--cache", help="crop-cache folder (default: <out>/../cache/<data folder name>)")
-    p.add_argument("--size", type=int, help="face crop size (default: 128, the paper's)")
-    p.add_argument("--box-scale", type=float,
-                   help="crop the face box enlarged this many times about its centre (default: 1.0, the paper's tight box)")
-    p.add_argument("--val-fraction", type=float, help="part of train held out for validation (default: 0.2)")
-    p.add_argument("--val-split", choices=("subject", "random"),
-                   help="subject-disjoint (default) or random (the paper's; leaks identities)")
-    p.add_argument("--seed", type=int, help="seed of the split, sampling, shuffling and augmentation (default: 0)")
-    p.add_argument("--prepare-workers", type=int, help="processes that crop faces into the cache (default: 2)")
-
-
-def _data_overrides(args) -> dict:
-    keys = ("source", "protocol", "detect", "cache", "size", "box_scale", "val_fraction", "val_split", "seed", "prepare_workers")
-    return {k: getattr(args, k) for k in keys}
-
-
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="crop every face once into the training cache (resumable)")
     p.add_argument("data", help="data root (CelebA-Spoof layout, or live/ and spoof/ folders with --source folder)")
     p.add_argument("--out", default="runs/prepare", help="only used to place the default cache (<out>/../cache)")
-    _add_data_args(p)
+    add_setting_arguments(p, ("data",))
     p.set_defaults(func=_cmd_prepare)
 
 
 def _cmd_prepare(args) -> int:
-    from ptanet.engine import load_data, resolve_settings
+    from ptanet.data.dataset import describe_data
+    from ptanet.train.settings import load_data, resolve_settings
 
-    settings = resolve_settings(data=args.data, out=args.out, **_data_overrides(args))
-    data = load_data(settings)
-    for part, summary in data["loaded"].items():
-        print(f"{part} list: {summary}")
-    print(data["split"])
-    for part, report in data["reports"].items():
-        print(f"{part} cache: {report.summary()}")
+    settings = resolve_settings(**{**setting_overrides(args), "data": args.data, "out": args.out})
+    for line in describe_data(load_data(settings)):
+        print(line)
     return 0
 
 
@@ -163,66 +147,22 @@ def _cmd_bench_data(args) -> int:
 # --- training and evaluation --------------------------------------------------------------------
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train PTA-MobileNetV2 (or the No PTA baseline) with the paper's recipe",
-                       description="Settings: defaults (the paper's), then --config YAML, then these flags.")
-    p.add_argument("--data", help="data root")
-    p.add_argument("--out", help="run folder (default: runs/train)")
+                       description="Settings: defaults (the paper's), then --config YAML, then these flags "
+                       "(names as in settings.json). --resume continues a run with its own settings; only those "
+                       "marked [may change on --resume] may differ.")
+    p.add_argument("--data", help="data root: CelebA-Spoof layout, or live/ and spoof/ folders with --source folder")
     p.add_argument("--config", dest="config_file", help="YAML file of settings (names as in settings.json)")
-    p.add_argument("--arch", choices=("pta_mobilenet_v2", "mobilenet_v2"), help="default: pta_mobilenet_v2")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--width-mult", type=float)
-    p.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None)
-    p.add_argument("--hflip", action="store_const", const=True, default=None,
-                   help="add a random horizontal flip to the augmentations (not in the paper)")
-    p.add_argument("--affine", action="store_const", const=True, default=None,
-                   help="add a small random scale/shift/rotation to the augmentations (not in the paper)")
-    p.add_argument("--zoom", type=float, metavar="Z",
-                   help="half the time, train on a random window of 1/Z to all of the crop's side (default 1: off)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="default: constant (the paper's)")
-    p.add_argument("--ema", dest="ema_decay", type=float, metavar="DECAY",
-                   help="validate and keep an exponential moving average of the weights, e.g. 0.995 (not in the paper)")
-    p.add_argument("--class-weights", choices=("balanced",),
-                   help="weight the loss so live and spoof count alike (default: plain cross-entropy, the paper's)")
-    p.add_argument("--balance", choices=("subject",),
-                   help="draw every (subject, class) group equally often (default: a plain shuffle, the paper's)")
-    p.add_argument("--sampling", help="training distribution, e.g. HHH=0.45,LHH=0.15,HLH=0.15,HHL=0.15,LLL=0.1 (Table 2)")
-    p.add_argument("--val-configs", help="configurations validated each epoch: paper (default), all, or a list")
-    p.add_argument("--select-config", help="the configuration whose validation ACER picks the best epoch (default: HHH)")
-    p.add_argument("--bn-configs", help="configurations that get their own BatchNorm statistics: paper (default), all, a list, or none")
-    p.add_argument("--bn-images", type=int, help="training crops for BatchNorm recalibration (default: 1000)")
-    p.add_argument("--bn-augment", action="store_const", const=True, default=None,
-                   help="recalibrate BatchNorm on augmented crops, as the weights saw in training (default: plain crops)")
-    p.add_argument("--max-batches", type=int, help="cap on batches per epoch (quick runs)")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    _add_data_args(p)
+    add_setting_arguments(p)
     p.set_defaults(func=_cmd_train)
 
 
-def _parse_sampling(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    out = {}
-    for part in text.split(","):
-        name, sep, weight = part.partition("=")
-        if not sep:
-            raise ValueError(f"--sampling: expected CONFIG=WEIGHT pairs, got {part!r}")
-        out[name.strip()] = float(weight)
-    return out
-
-
 def _cmd_train(args) -> int:
-    from ptanet.engine import resolve_settings, train
+    from ptanet.train import loop
+    from ptanet.train.settings import resolve_settings
 
-    bn_configs = [] if args.bn_configs == "none" else args.bn_configs
-    settings = resolve_settings(
-        args.config_file, data=args.data, out=args.out, arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, width_mult=args.width_mult, augment=args.augment, hflip=args.hflip, affine=args.affine, zoom=args.zoom, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, class_weights=args.class_weights, balance=args.balance, sampling=_parse_sampling(args.sampling),
-        val_configs=args.val_configs, select_config=args.select_config, bn_configs=bn_configs, bn_images=args.bn_images, bn_augment=args.bn_augment,
-        max_batches=args.max_batches, workers=args.workers, **_data_overrides(args),
-    )
-    result = train(settings, resume=args.resume)
+    settings = resolve_settings(args.config_file, **{**setting_overrides(args), "data": args.data})
+    result = loop.train(settings, resume=args.resume)
     print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
 
@@ -240,8 +180,8 @@ def _add_recalibrate(sub) -> None:
 
 
 def _cmd_recalibrate(args) -> int:
-    from ptanet.engine import recalibrate_checkpoint
-    from ptanet.models import parse_configs
+    from ptanet.configs import parse_configs
+    from ptanet.train.batchnorm import recalibrate_checkpoint
 
     configs = parse_configs(args.configs) if args.configs else None
     print(recalibrate_checkpoint(args.checkpoint, args.out, configs, args.bn_images, args.bn_augment))
@@ -252,7 +192,10 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="paper Table 3 for checkpoints on their test split")
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (e.g. RUN/best.pt); several make one table")
     p.add_argument("--configs", help="PTA configurations: paper (default), all, or a list like HHH,LLL")
-    p.add_argument("--data", help="evaluate on this data root instead of the one the checkpoint was trained on")
+    p.add_argument("--data", help="evaluate on this data root instead of the one the checkpoint was trained on "
+                   "(only its test split is read: a test-only set works)")
+    p.add_argument("--source", choices=("celeba", "folder"), help="layout of --data (default: the checkpoint's)")
+    p.add_argument("--cache", help="crop cache for --data (default: eval-cache/ beside the checkpoint)")
     p.add_argument("--no-bn-recalibration", action="store_true",
                    help="only the shared BatchNorm statistics (reproduces the paper exactly)")
     p.add_argument("--split", choices=("test", "val"), default="test",
@@ -264,11 +207,12 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     from pathlib import Path
 
+    from ptanet.configs import parse_configs
     from ptanet.evaluate import evaluate_checkpoints, table3_markdown, write_table3
-    from ptanet.models import parse_configs
 
     rows = evaluate_checkpoints(args.checkpoints, parse_configs(args.configs), data=args.data,
-                                bn_recalibration=not args.no_bn_recalibration, split=args.split)
+                                bn_recalibration=not args.no_bn_recalibration, split=args.split,
+                                source=args.source, cache=args.cache)
     out = Path(args.out) if args.out else Path(args.checkpoints[0]).parent / ("eval" if args.split == "test" else "eval-val")
     paths = write_table3(rows, out)
     print(table3_markdown(rows))

@@ -1,23 +1,70 @@
-"""Paper Table 3: test quality of the baseline and every requested PTA configuration.
+"""Prediction and per-configuration validation (shared by training and evaluation), and paper Table 3.
 
-Each row is measured at the fixed threshold 0.5 and at the EER threshold chosen on the
-validation split (never on test). A PTA model with stored per-configuration BatchNorm
-statistics is reported both with them ("recalibrated", the default) and with the single set
-that training left ("shared", exactly the paper's procedure).
+Each Table 3 row is measured at the fixed threshold 0.5 and at the EER threshold chosen on a
+validation part (never on test): the validation part of the data the checkpoint was trained on, so a
+checkpoint can be measured on any labelled set, also one that has only a test split. A PTA model with
+stored per-configuration BatchNorm statistics is reported both with them ("recalibrated", the
+default) and with the single set that training left ("shared", exactly the paper's procedure).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from ptanet.checkpoint import load_checkpoint
-from ptanet.data import CropDataset, Preprocess
-from ptanet.engine import load_data, predict, resolve_settings
-from ptanet.metrics import compute_metrics, eer_threshold, errors_per_group
-from ptanet.models import config_label, is_pta, parse_configs
-from ptanet.tables import to_markdown, write_table
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from ptanet.checkpoint import load_checkpoint
+from ptanet.configs import BASELINE_LABEL, config_label, parse_configs
+from ptanet.data import CropDataset, prepare_split
+from ptanet.metrics import compute_metrics, eer_threshold, errors_per_group
+from ptanet.models import CHANNELS_LAST, MobileNetV2, is_pta, to_fast_layout
+from ptanet.preprocess import Preprocess
+from ptanet.tables import to_markdown, write_table
+from ptanet.train.settings import load_data, resolve_settings
+
+VAL_METRICS = ("accuracy", "apcer", "bpcer", "acer", "auc", "eer")
+
+
+# --- prediction ------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict(model: MobileNetV2, dataset: CropDataset, batch_size: int = 128) -> tuple[np.ndarray, float]:
+    """Spoof scores (softmax probability of class 1) for every item, and the mean cross-entropy."""
+    to_fast_layout(model).eval()
+    scores, loss_sum = [], 0.0
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits = model(images.contiguous(memory_format=CHANNELS_LAST))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        scores.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+    return np.concatenate(scores) if scores else np.zeros(0), loss_sum / max(1, len(dataset))
+
+
+def score_configs(model: MobileNetV2, dataset: CropDataset, configs: Iterable[str],
+                  batch_size: int = 128) -> dict[str | None, tuple[np.ndarray, float]]:
+    """``predict`` for each configuration of a PTA model (key None: a model without configurations).
+    The one per-configuration loop: training's validation and evaluation both use it."""
+    out = {}
+    for config in list(configs) if is_pta(model) else [None]:
+        if config is not None:
+            model.set_config(config)
+        out[config] = predict(model, dataset, batch_size)
+    return out
+
+
+def validate(model: MobileNetV2, dataset: CropDataset, configs: list[str], batch_size: int = 128) -> dict[str, dict]:
+    """Validation metrics per configuration (threshold 0.5); key ``"No PTA"`` for the baseline."""
+    out = {}
+    for config, (scores, loss) in score_configs(model, dataset, configs, batch_size).items():
+        m = compute_metrics(scores, dataset.labels, threshold=0.5)
+        out[config or BASELINE_LABEL] = {k: m[k] for k in VAL_METRICS} | {"loss": loss}
+    return out
+
+
+# --- paper Table 3 ---------------------------------------------------------------------------------
 TABLE3_COLUMNS = [
     ("model", "Configuration", "str"),
     ("accuracy", "Accuracy (%)", "pct"),
@@ -31,6 +78,7 @@ TABLE3_COLUMNS = [
 ALL_COLUMNS = [
     ("model", "model", "str"), ("config", "config", "str"), ("bn", "bn", "str"), ("split", "split", "str"),
     ("threshold_rule", "threshold_rule", "str"), ("threshold", "threshold", "f3"),
+    ("threshold_from", "threshold_from", "str"),
     *TABLE3_COLUMNS[1:], ("eer", "eer", "pct"), ("tpr@fpr=1e-2", "tpr@fpr=1e-2", "pct"),
     ("worst_type", "worst_type", "str"), ("n", "n", "int"), ("checkpoint", "checkpoint", "str"),
 ]
@@ -45,57 +93,96 @@ PER_SUBJECT_COLUMNS = [
 SPLITS = {"test": "Test", "val": "Validation"}
 
 
+def _measured_data(path: Path, preprocess: Preprocess, own, data: str | None, split: str, source: str | None,
+                   cache: str | None, progress: bool) -> tuple[dict | None, Any, str]:
+    """(the checkpoint's own caches or None, the cache to measure, the measured root)."""
+    own_root = own.data if own is not None else None
+    foreign = data is not None and (own_root is None or Path(data).resolve() != Path(own_root))
+    own_caches = None
+    if own_root is not None and Path(own_root).exists():
+        own_caches = load_data(own, progress)
+    if not foreign:
+        if own_root is None:
+            raise ValueError(f"{path}: the checkpoint names no data set; pass --data")
+        if own_caches is None:
+            raise FileNotFoundError(f"{own_root}: the data {path} was trained on is not here; pass --data")
+        if split not in own_caches:
+            raise ValueError(f"{own_root}: no {split} split to evaluate on")
+        return own_caches, own_caches[split], own_root
+    if split == "val":
+        raise ValueError("--split val measures the validation part of the checkpoint's own data; leave out --data")
+    settings = own if own is not None else resolve_settings()
+    cache_dir = Path(cache) if cache else path.parent / "eval-cache" / f"{Path(data).resolve().name}-{split}"
+    measured, _, _ = prepare_split(data, cache_dir, split, preprocess,
+                                   source=source or settings.source, protocol=settings.protocol,
+                                   detect=settings.detect, workers=settings.prepare_workers, progress=progress)
+    return own_caches, measured, str(Path(data).resolve())
+
+
 def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[str] | None = None, data: str | None = None,
                          bn_recalibration: bool = True, progress: bool = True, log=print,
-                         split: str = "test") -> list[dict[str, Any]]:
+                         split: str = "test", source: str | None = None, cache: str | None = None) -> list[dict[str, Any]]:
     """Table 3 rows for each checkpoint: the baseline gives one model row, a PTA model one per
     configuration (and BN mode); each at threshold 0.5 and at the validation EER threshold.
 
-    The data (root, split, cache) are those the checkpoint was trained with, unless ``data`` names
-    another root. ``split="val"`` measures the validation part instead of test, for comparing ideas
-    without looking at test (its "eer@val" rows then use a threshold chosen on the data measured).
+    The measured data is the checkpoint's own (the root, split and cache it was trained with) unless
+    ``data`` names another root, whose ``split`` alone is read (``source`` its layout, default the
+    checkpoint's; ``cache`` where its crops go). The EER threshold always comes from the validation
+    part of the checkpoint's own data; when that data is not here, or its validation part lacks a
+    class, only the 0.5 rows are written (and the log says why). ``split="val"`` measures that
+    validation part itself, to compare ideas without looking at test.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLITS)}")
     configs = parse_configs(None) if configs is None else list(configs)
     rows: list[dict[str, Any]] = []
-    for path in checkpoints:
+    for path in map(Path, checkpoints):
         ck = load_checkpoint(path)
-        settings = dict(ck.meta.get("settings", {}))
-        if data:
-            settings["data"] = data
-        if not settings.get("data"):
-            raise ValueError(f"{path}: the checkpoint names no data set; pass --data")
-        caches = load_data(resolve_settings(**settings), progress)
-        if split not in caches:
-            raise ValueError(f"{settings['data']}: no {split} split to evaluate on")
+        stored = ck.meta.get("settings") or {}
+        own = resolve_settings(**stored) if stored.get("data") else None
         preprocess = Preprocess.from_dict(ck.preprocess)
-        val, measured = (CropDataset(caches[p], preprocess) for p in ("val", split))
+        own_caches, measured_cache, measured_root = _measured_data(path, preprocess, own, data, split, source, cache,
+                                                                   progress)
+        measured = CropDataset(measured_cache, preprocess)
+        val = CropDataset(own_caches["val"], preprocess) if own_caches is not None else None
+        threshold_from = f"validation part of {own.data}" if val is not None else None
+        if val is None:
+            log(f"{path}: its training data {own.data if own else '(not recorded)'} is not here, so there is no "
+                "validation part to choose an EER threshold on; writing the threshold-0.5 rows only")
         model = ck.model
-        variants: list[tuple[str | None, str]] = [(None, "n/a")]
+        bn_modes = ["n/a"]
         if is_pta(model):
             bn_modes = ["recalibrated", "shared"] if bn_recalibration and model.bn_configs else ["shared"]
-            # Recalibrated rows first, with the stored statistics; then the paper's rows without them.
-            variants = [(c, bn) for bn in bn_modes for c in configs]
-        for config, bn in variants:
-            if config is not None:
-                if bn == "shared":
-                    model.clear_bn_stats()
-                elif config not in model.bn_configs:
-                    log(f"{path}: no BatchNorm statistics stored for {config}; its 'recalibrated' row uses the shared ones")
-                model.set_config(config)
-            val_scores, _ = predict(model, val)
-            scores = val_scores if split == "val" else predict(model, measured)[0]
-            threshold_eer = eer_threshold(val_scores, val.labels)
-            for rule, threshold in (("0.5", 0.5), ("eer@val", threshold_eer)):
-                m = compute_metrics(scores, measured.labels, threshold=threshold,
-                                    spoof_types=caches[split].spoof_types[measured.indices])
-                subjects = [caches[split].subjects[i] for i in measured.indices]
-                per_subject = errors_per_group(scores, measured.labels, subjects, threshold)
-                rows.append({"model": config_label(config), "config": config, "bn": bn, "split": split, "threshold_rule": rule,
-                             "checkpoint": str(path), **m, "threshold": threshold, "per_subject": per_subject})
-            log(f"{config_label(config)} ({bn} BN): {split} ACER {100 * rows[-2]['acer']:.2f}% at 0.5, "
-                f"{100 * rows[-1]['acer']:.2f}% at the validation EER threshold")
+            missing = [c for c in configs if c not in model.bn_configs]
+            if "recalibrated" in bn_modes and missing:
+                log(f"{path}: no BatchNorm statistics stored for {', '.join(missing)}; their 'recalibrated' rows "
+                    "use the shared ones")
+        # Recalibrated rows first, with the stored statistics; then the paper's rows without them.
+        for bn in bn_modes:
+            if bn == "shared":
+                model.clear_bn_stats()
+            measured_scores = score_configs(model, measured, configs)
+            val_scores = (measured_scores if split == "val" else
+                          score_configs(model, val, configs) if val is not None else {})
+            for config, (scores, _) in measured_scores.items():
+                thresholds = [("0.5", 0.5, "fixed")]
+                if config in val_scores:
+                    eer_at = eer_threshold(val_scores[config][0], val.labels)
+                    if math.isnan(eer_at):
+                        log(f"{path} {config_label(config)}: the validation part holds one class only, so it has "
+                            "no EER point; writing the threshold-0.5 row only")
+                    else:
+                        thresholds.append(("eer@val", eer_at, threshold_from))
+                for rule, threshold, where in thresholds:
+                    m = compute_metrics(scores, measured.labels, threshold=threshold,
+                                        spoof_types=measured_cache.spoof_types[measured.indices])
+                    subjects = [measured_cache.subjects[i] for i in measured.indices]
+                    per_subject = errors_per_group(scores, measured.labels, subjects, threshold)
+                    rows.append({"model": config_label(config), "config": config, "bn": bn, "split": split,
+                                 "threshold_rule": rule, "checkpoint": str(path), "data": measured_root, **m,
+                                 "threshold": threshold, "threshold_from": where, "per_subject": per_subject})
+                log(f"{config_label(config)} ({bn} BN): {split} ACER "
+                    + ", ".join(f"{100 * r['acer']:.2f}% at {r['threshold_rule']}" for r in rows[-len(thresholds):]))
     return rows
 
 
@@ -118,7 +205,9 @@ def table3_markdown(rows: list[dict]) -> str:
             if picked:
                 bn_text = {"recalibrated": "per-configuration BatchNorm statistics",
                            "shared": "shared BatchNorm statistics (paper)"}[bn]
-                sections.append(f"### {split}, {rule_text}, {bn_text}\n\n{to_markdown(picked, TABLE3_COLUMNS)}")
+                where = sorted({r["threshold_from"] for r in picked if rule != "0.5"})
+                source = f"\n\nThresholds chosen on the {'; '.join(where)}." if where else ""
+                sections.append(f"### {split}, {rule_text}, {bn_text}{source}\n\n{to_markdown(picked, TABLE3_COLUMNS)}")
     note = ("APCER = attacks accepted as live / attacks, BPCER = live rejected / live (ISO/IEC 30107-3, the paper's "
             "text). The paper's formulas (2)-(3) swap the two; the 'paper formula' columns follow them for comparison.")
     return "\n\n".join(sections) + "\n\n" + note + "\n"

@@ -25,25 +25,22 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 import ptanet
 from ptanet.atomic import atomic_write, write_json_atomic
 from ptanet.checkpoint import Checkpoint, load_checkpoint, versions
-from ptanet.data.preprocess import Preprocess
-from ptanet.models import MobileNetV2, config_label, is_pta, parse_config, parse_configs
+from ptanet.configs import config_label, parse_config, parse_configs
+from ptanet.models import MobileNetV2, held_config, is_pta
+from ptanet.preprocess import Preprocess
+from ptanet.runtime import INPUT_NAME, METADATA_FORMAT, METADATA_VERSION, OUTPUT_NAMES, ortsession
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "spoof_score")
 DEFAULT_OPSET = 17
 # Float32 conv stacks differ between PyTorch and onnxruntime kernels by ~1e-6 relative; 1e-4 catches
 # real mismatches (wrong BN statistics, wrong branch, wrong op semantics) with a wide margin. It is
 # absolute for logits up to 1 in size and relative beyond, since rounding grows with the values.
 VERIFY_TOLERANCE = 1e-4
-METADATA_FORMAT = "ptanet.onnx"
-METADATA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
@@ -61,51 +58,6 @@ class SpoofScorer(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(image)
         return logits, torch.softmax(logits, dim=1)[:, 1]
-
-
-def ortsession(path: str | os.PathLike, threads: int = 1) -> ort.InferenceSession:
-    """An onnxruntime CPU session with the options ptanet always wants.
-
-    ``threads`` intra-op threads, one inter-op thread. ``session.force_spinning_stop`` makes idle
-    worker threads sleep instead of spin: with several sessions of 2+ threads in one process
-    (export verification next to a predictor, tests), spinning threads steal each other's cores
-    and everything runs 6-10x slower.
-    """
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.force_spinning_stop", "1")
-    try:
-        return ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file") from None
-        raise ValueError(f"{path}: onnxruntime cannot load this model ({type(exc).__name__}: {str(exc)[:300]})") from None
-
-
-def read_metadata(source: str | os.PathLike | ort.InferenceSession, name: str | None = None) -> dict:
-    """The ptanet metadata of an exported file (or of an open session), JSON values decoded.
-
-    Keys: ``format``, ``format_version``, ``config`` (None for the No PTA baseline), ``model``
-    (table label), ``preprocess``, ``labels`` ({0: 'live', 1: 'spoof'}), ``arch``, ``input``,
-    ``outputs``, ``versions``. Raises ValueError naming the file (``name`` for a session) if it was
-    not written by ptanet.
-    """
-    session = source if isinstance(source, ort.InferenceSession) else ortsession(source)
-    props = session.get_modelmeta().custom_metadata_map
-    where = name or (source if not isinstance(source, ort.InferenceSession) else "<onnx session>")
-    if props.get("format") != json.dumps(METADATA_FORMAT):
-        raise ValueError(f"{where}: not a ptanet ONNX export (no {METADATA_FORMAT!r} metadata)")
-    try:
-        meta = {k: json.loads(v) for k, v in props.items()}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: corrupt ptanet metadata ({exc})") from None
-    if meta.get("format_version", 0) > METADATA_VERSION:
-        raise ValueError(f"{where}: ONNX metadata version {meta['format_version']} is newer than this ptanet reads")
-    meta["labels"] = {int(k): v for k, v in meta["labels"].items()}
-    return meta
 
 
 @dataclass
@@ -135,7 +87,7 @@ def _static_module(model: MobileNetV2, config: str | None) -> tuple[nn.Module, s
     if is_pta(model):
         config = parse_config(config if config is not None else model.config, model.num_pta_blocks)
         return model.to_static(config).eval(), config
-    own = model.arch.get("config")  # a checkpoint that already holds one static configuration
+    own = held_config(model)  # a checkpoint that already holds one static configuration
     if config is not None and (own is None or parse_config(config) != own):
         what = f"holds configuration {own} only" if own else "is the No PTA baseline"
         raise ValueError(f"cannot export configuration {config!r}: the model {what} and has no PTA blocks to switch")

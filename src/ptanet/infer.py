@@ -23,11 +23,13 @@ import numpy as np
 import torch
 
 from ptanet.checkpoint import load_checkpoint
-from ptanet.data.celeba import BOX_SUFFIX, IMAGE_EXTENSIONS, parse_box_file
-from ptanet.data.detect import make_detector
-from ptanet.data.preprocess import EmptyBoxError, ImageReadError, Preprocess, read_image_rgb
-from ptanet.export import INPUT_NAME, SpoofScorer, ortsession, read_metadata
-from ptanet.models import is_pta, parse_config
+from ptanet.configs import parse_config
+from ptanet.detect import make_detector
+from ptanet.export import SpoofScorer
+from ptanet.models import held_config, is_pta
+from ptanet.preprocess import (IMAGE_EXTENSIONS, EmptyBoxError, ImageReadError, NoFaceError, Preprocess, box_file_of,
+                               choose_box, parse_box_file, read_image_rgb)
+from ptanet.runtime import INPUT_NAME, ortsession, read_metadata
 
 ONNX_SUFFIX = ".onnx"
 
@@ -44,7 +46,7 @@ class _TorchBackend:
 
     @property
     def config(self) -> str | None:
-        return self.model.config if is_pta(self.model) else self.model.arch.get("config")
+        return held_config(self.model)
 
     def set_config(self, config: str) -> None:
         if is_pta(self.model):
@@ -154,28 +156,21 @@ class Predictor:
         row = self._row(None if is_array else name)
         try:
             rgb = image if is_array else read_image_rgb(image)
-            height, width = rgb.shape[:2]
-            box_px, source = None, "image"
-            if box224 is None and self.box_files and not is_array:
-                box_path = os.path.splitext(name)[0] + BOX_SUFFIX
-                if os.path.exists(box_path):
-                    box224, reason, detail = parse_box_file(box_path)
-                    if box224 is None:
-                        row["error"] = f"{name}: {reason} ({detail})"
-                        return row, None
-                    source = "file"
-            elif box224 is not None:
-                source = "given"
-            if box224 is not None:
-                box_px = self.preprocess.box_to_pixels(box224, width, height)
-            elif self._detector is not None:
-                box_px, source = self._detector(rgb), "detector"
-                if box_px is None:
-                    row["error"] = f"{name}: no face detected ({self.detect})"
+            given = "given" if box224 is not None else None
+            if box224 is None and self.box_files and not is_array and os.path.exists(box_file_of(name)):
+                box224, reason, detail = parse_box_file(box_file_of(name))
+                if box224 is None:
+                    row["error"] = f"{name}: {reason} ({detail})"
                     return row, None
-            else:
-                box_px = (0, 0, width, height)
+                given = "file"
+            box_px, source = choose_box(self.preprocess, rgb, box224, self._detector)
+            source = given or source
             crop = self.preprocess.crop(rgb, box_px=box_px)
+            if box_px is None:
+                box_px = (0, 0, rgb.shape[1], rgb.shape[0])
+        except NoFaceError:
+            row["error"] = f"{name}: no face detected ({self.detect})"
+            return row, None
         except (ImageReadError, EmptyBoxError) as exc:
             row["error"] = str(exc) if isinstance(exc, ImageReadError) else f"{name}: {exc}"
             return row, None

@@ -3,16 +3,15 @@
 Both are built from one architecture table that reads like paper Table 1. The PTA model exposes
 switching as an API (once-for-all style): ``set_config``, ``config``, ``using`` and ``to_static``.
 
-A *configuration* is one letter per PTA block, ``H`` (heavy), ``L`` (light) or ``B`` (both,
-averaged), e.g. ``"LHH"``; with three PTA blocks there are 27. ``HHH`` has exactly MobileNetV2's
-layers, parameters and multiply-adds.
+A *configuration* (``ptanet.configs``) is one letter per PTA block, ``H`` (heavy), ``L`` (light) or
+``B`` (both, averaged), e.g. ``"LHH"``. ``HHH`` has exactly MobileNetV2's layers, parameters and
+multiply-adds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptanet.blocks import MODES, BothBranches, ConvBNReLU, InvertedResidual, PTABlock
+from ptanet.blocks import BothBranches, ConvBNReLU, InvertedResidual, PTABlock
+from ptanet.configs import NUM_PTA_BLOCKS, parse_config
 
 
 @dataclass(frozen=True)
@@ -62,53 +62,17 @@ MOBILENET_V2_TABLE: tuple[Stage, ...] = (
     Stage("ir", 6, 320, 1, 1),
 )
 
-NUM_PTA_BLOCKS = sum(s.n for s in PTA_MOBILENET_V2_TABLE if s.kind == "pta")
-# The configurations the paper reports (Tables 3 and 4), in its order.
-PAPER_CONFIGS: tuple[str, ...] = ("HHH", "LHH", "HLH", "HHL", "LLL", "BBB")
-BASELINE_LABEL = "No PTA"
+if sum(s.n for s in PTA_MOBILENET_V2_TABLE if s.kind == "pta") != NUM_PTA_BLOCKS:
+    raise AssertionError("PTA_MOBILENET_V2_TABLE must hold configs.NUM_PTA_BLOCKS PTA blocks")
 
 
-def config_label(config: str | None) -> str:
-    """Row label used in every table: ``"No PTA"`` for the baseline, ``"PTA-LHH"`` otherwise."""
-    return BASELINE_LABEL if config is None else f"PTA-{config}"
+# channels_last runs MobileNetV2's depthwise convolutions faster on CPU (measured on 2 cores: training
+# 35 -> 48 images/s, evaluation 120 -> 180 images/s). It changes memory layout only.
+CHANNELS_LAST = torch.channels_last
 
 
-def all_configs(num_blocks: int = NUM_PTA_BLOCKS) -> list[str]:
-    """Every configuration (3**num_blocks of them), heavy-first order: HHH, HHL, HHB, HLH, ..."""
-    return ["".join(p) for p in itertools.product(MODES, repeat=num_blocks)]
-
-
-def parse_config(text: str, num_blocks: int = NUM_PTA_BLOCKS) -> str:
-    """Validate a configuration string and return its canonical form (upper case, no prefix).
-
-    Accepts ``"LHH"``, ``"lhh"`` and ``"PTA-LHH"`` (the table label). Anything else raises a
-    ValueError that says what is allowed.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"configuration must be a string like 'HHH', got {type(text).__name__}")
-    s = text.strip().upper()
-    if s.startswith("PTA-"):
-        s = s[4:]
-    if len(s) != num_blocks or any(ch not in MODES for ch in s):
-        raise ValueError(
-            f"invalid PTA configuration {text!r}: expected {num_blocks} letters, one per PTA block, "
-            f"each H (heavy), L (light) or B (both), e.g. {'H' * num_blocks!r} or "
-            f"{'L' + 'H' * (num_blocks - 1)!r}"
-        )
-    return s
-
-
-def parse_configs(spec: str | None) -> list[str]:
-    """A list of configurations from the command line: ``None`` or ``"paper"`` -> the paper's six,
-    ``"all"`` -> all 27, otherwise a comma-separated list (each validated by :func:`parse_config`)."""
-    if spec is None or spec.strip().lower() == "paper":
-        return list(PAPER_CONFIGS)
-    if spec.strip().lower() == "all":
-        return all_configs()
-    configs = [parse_config(c) for c in spec.split(",") if c.strip()]
-    if not configs:
-        raise ValueError(f"no configuration in {spec!r}; use 'paper', 'all' or a list like 'HHH,LLL'")
-    return list(dict.fromkeys(configs))
+def to_fast_layout(model: nn.Module) -> nn.Module:
+    return model.to(memory_format=CHANNELS_LAST)
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
@@ -354,25 +318,44 @@ def pta_mobilenet_v2(num_classes: int = 2, width_mult: float = 1.0, dropout: flo
     return model
 
 
+# The one registry of architecture names: checkpoints, settings and the CLI all read it.
 MODELS: dict[str, Callable[..., MobileNetV2]] = {
-    "mobilenet_v2": mobilenet_v2,
     "pta_mobilenet_v2": pta_mobilenet_v2,
+    "mobilenet_v2": mobilenet_v2,
 }
+PTA_ARCHS = frozenset({"pta_mobilenet_v2"})
 
 
 def list_models() -> list[str]:
     return list(MODELS)
 
 
-def create_model(name: str, **overrides) -> MobileNetV2:
-    """Build a model by name (see :func:`list_models`); ``overrides`` go to its builder."""
+def check_arch(name: str) -> str:
+    """``name`` if it is a registered architecture, else a ValueError listing them."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
-    return MODELS[name](**overrides)
+    return name
+
+
+def create_model(name: str, **overrides) -> MobileNetV2:
+    """Build a model by name (see :func:`list_models`); ``overrides`` go to its builder."""
+    return MODELS[check_arch(name)](**overrides)
 
 
 def is_pta(model: nn.Module) -> bool:
+    """A switchable PTA model (not the baseline, not a static export of one configuration)."""
     return isinstance(model, PTAMobileNetV2)
+
+
+def is_pta_arch(name: str) -> bool:
+    """Whether the architecture ``name`` builds a switchable PTA model."""
+    return check_arch(name) in PTA_ARCHS
+
+
+def held_config(model: nn.Module) -> str | None:
+    """The configuration a model runs: the active one of a PTA model, the one a static (exported)
+    model was reduced to, None for the No PTA baseline."""
+    return model.config if is_pta(model) else model.arch.get("config")
 
 
 # --- MobileNetV2 weights into a PTA model ---------------------------------------------------------

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ptanet.bench import COMPLEXITY_COLUMNS, LATENCY_COLUMNS, complexity_table, latency_table
-from ptanet.engine import resolve_settings, train
 from ptanet.evaluate import evaluate_checkpoints, write_table3
-from ptanet.models import parse_configs
+from ptanet.configs import parse_configs
 from ptanet.report import write_report
 from ptanet.tables import write_table
+from ptanet.train.loop import train
+from ptanet.train.settings import resolve_settings
 
+# The paper's two models: PTA and the No PTA baseline (names from ptanet.models.MODELS).
 ARCHS = ("pta_mobilenet_v2", "mobilenet_v2")
 
 # The demo: the paper's recipe shortened to fit a few minutes on 2 CPU cores. A higher learning

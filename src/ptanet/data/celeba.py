@@ -12,7 +12,6 @@ dropped and why; corrupt images and faces a detector cannot find are found in th
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ptanet import LABELS
+from ptanet.preprocess import BOX_SUFFIX, IMAGE_EXTENSIONS, Reason, parse_box_file
 
 # CelebA-Spoof's spoof type, label vector index 40. -1 is ours: a spoof of unknown type (folder data).
 SPOOF_TYPES: dict[int, str] = {
@@ -28,24 +28,8 @@ SPOOF_TYPES: dict[int, str] = {
     6: "Region Mask", 7: "PC", 8: "Pad", 9: "Phone", 10: "3D Mask",
 }
 UNKNOWN_SPOOF_TYPE = -1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-BOX_SUFFIX = "_BB.txt"
 # Label vector layout (44 ints): [40] spoof type, [41] illumination, [42] environment, [43] live/spoof.
 _SPOOF_TYPE_INDEX, _LABEL_INDEX, _LABEL_VECTOR_LEN = 40, 43, 44
-
-
-class Reason:
-    """Skip reasons, shared by the list readers and the cache step so reports count them together."""
-
-    IMAGE_MISSING = "image file missing"
-    BOX_MISSING = "box file missing"
-    BOX_EMPTY = "box file empty"
-    BOX_UNPARSABLE = "box file unparsable"
-    BOX_NEGATIVE = "box has negative values"
-    BOX_ZERO = "box has zero size"
-    BAD_LABEL = "bad label entry"
-    IMAGE_UNREADABLE = "image unreadable"
-    NO_FACE = "no face detected"
 
 
 @dataclass(frozen=True)
@@ -91,33 +75,6 @@ class LoadResult:
 
     def summary(self) -> str:
         return count_summary(len(self.items), Counter(i.label for i in self.items), self.skipped)
-
-
-def parse_box_file(path: str) -> tuple[tuple[float, float, float, float] | None, str, str]:
-    """Read a `x y w h score` box file. Returns (box224, "", "") or (None, reason, detail)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None, Reason.BOX_MISSING, path
-    except OSError as exc:
-        return None, Reason.BOX_UNPARSABLE, f"{path}: {exc}"
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
-        return None, Reason.BOX_EMPTY, path
-    fields = lines[0].replace(",", " ").split()
-    try:
-        values = [float(v) for v in fields[:4]]
-    except ValueError:
-        values = []
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        return None, Reason.BOX_UNPARSABLE, f"{path}: {lines[0].strip()[:80]!r}"
-    x, y, w, h = values
-    if min(values) < 0:
-        return None, Reason.BOX_NEGATIVE, f"{path}: {lines[0].strip()[:80]!r}"
-    if w <= 0 or h <= 0:
-        return None, Reason.BOX_ZERO, f"{path}: {lines[0].strip()[:80]!r}"
-    return (x, y, w, h), "", ""
 
 
 class _DirListing:
@@ -204,7 +161,7 @@ def load_folder(root: str | os.PathLike, detect: str | None = None) -> LoadResul
     largest face in the cache step. The subject is the first sub-folder under live/ or spoof/
     ("unknown" for images directly inside). Spoof type: 0 live, -1 unknown spoof.
     """
-    from ptanet.data.detect import parse_detect_spec  # validate early, before a long cache step
+    from ptanet.detect import parse_detect_spec  # validate early, before a long cache step
 
     root = Path(root).resolve()
     if detect is not None:
@@ -287,14 +244,20 @@ def split_train_val(items: list[Item], val_fraction: float = 0.2, by: str = "sub
 
 def describe_split(train: list[Item], val: list[Item]) -> str:
     """Counts per part and label, subjects per part, and a warning when a part lacks a class."""
+    return describe_parts({name: ([i.label for i in part], [i.subject for i in part])
+                           for name, part in (("train", train), ("val", val))})
+
+
+def describe_parts(parts: dict[str, tuple[list[int], list[str]]]) -> str:
+    """One line per part (``{name: (labels, subjects)}``): images per label, subjects, and a warning
+    when the part lacks a class (a validation part without live or spoof images has no ACER)."""
     lines = []
-    for name, part in (("train", train), ("val", val)):
-        labels = Counter(item.label for item in part)
-        per_label = ", ".join(f"{labels.get(k, 0)} {v}" for k, v in LABELS.items())
-        line = (f"{name}: {len(part)} images ({per_label}), "
-                f"{len({item.subject for item in part})} subjects")
-        missing = [v for k, v in LABELS.items() if labels.get(k, 0) == 0]
+    for name, (labels, subjects) in parts.items():
+        counts = Counter(int(label) for label in labels)
+        per_label = ", ".join(f"{counts.get(k, 0)} {v}" for k, v in LABELS.items())
+        line = f"{name}: {len(labels)} images ({per_label}), {len(set(subjects))} subjects"
+        missing = [v for k, v in LABELS.items() if counts.get(k, 0) == 0]
         if missing:
-            line += f"  [no {'/'.join(missing)} images]"
+            line += f"  [no {'/'.join(missing)} images]  (its ACER and EER are undefined)"
         lines.append(line)
     return "\n".join(lines)

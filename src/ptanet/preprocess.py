@@ -2,19 +2,43 @@
 
 The paper (Section 4) crops each image to its face box, resizes the crop to 128x128 and feeds RGB to the
 network. Keeping all of that in one frozen `Preprocess` that checkpoints store (`to_dict`) means a model is
-always run on exactly the input it was trained on, whatever entry point loads it.
+always run on exactly the input it was trained on, whatever entry point loads it. Which box an image is
+cropped with is decided by `choose_box`, the one rule shared by the crop cache and prediction; box files
+(`<stem>_BB.txt`, CelebA-Spoof's) are read by `parse_box_file` for the data readers and prediction alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 import torch
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+BOX_SUFFIX = "_BB.txt"
+Box = tuple[int, int, int, int]  # x, y, w, h in pixels
+Detector = Callable[[np.ndarray], "Box | None"]
+
+
+class Reason:
+    """Why an item yields no crop; shared by the list readers, the cache step and prediction, so that
+    reports count the same defects under the same names."""
+
+    IMAGE_MISSING = "image file missing"
+    BOX_MISSING = "box file missing"
+    BOX_EMPTY = "box file empty"
+    BOX_UNPARSABLE = "box file unparsable"
+    BOX_NEGATIVE = "box has negative values"
+    BOX_ZERO = "box has zero size"
+    BAD_LABEL = "bad label entry"
+    IMAGE_UNREADABLE = "image unreadable"
+    NO_FACE = "no face detected"
 
 
 class ImageReadError(ValueError):
@@ -51,6 +75,44 @@ def _clamp_box(x: int, y: int, w: int, h: int, width: int, height: int) -> tuple
             f"face box (x={x}, y={y}, w={w}, h={h}) px has zero size inside the {width}x{height} image"
         )
     return x1, y1, x2 - x1, y2 - y1
+
+
+class NoFaceError(ValueError):
+    """The detector found no face in an image."""
+
+
+def box_file_of(image_path: str | os.PathLike) -> str:
+    """``dir/000001.jpg`` -> ``dir/000001_BB.txt``, where CelebA-Spoof keeps an image's face box."""
+    return os.path.splitext(os.fspath(image_path))[0] + BOX_SUFFIX
+
+
+def parse_box_file(path: str) -> tuple[tuple[float, float, float, float] | None, str, str]:
+    """Read a `x y w h score` box file. Returns (box224, "", "") or (None, reason, detail)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None, Reason.BOX_MISSING, path
+    except OSError as exc:
+        return None, Reason.BOX_UNPARSABLE, f"{path}: {exc}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None, Reason.BOX_EMPTY, path
+    fields = lines[0].replace(",", " ").split()
+    try:
+        values = [float(v) for v in fields[:4]]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        return None, Reason.BOX_UNPARSABLE, f"{path}: {lines[0].strip()[:80]!r}"
+    x, y, w, h = values
+    if min(values) < 0:
+        return None, Reason.BOX_NEGATIVE, f"{path}: {lines[0].strip()[:80]!r}"
+    if w <= 0 or h <= 0:
+        return None, Reason.BOX_ZERO, f"{path}: {lines[0].strip()[:80]!r}"
+    return (x, y, w, h), "", ""
+
+
 
 
 @dataclass(frozen=True)
@@ -165,3 +227,22 @@ class Preprocess:
         offset = -np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, dtype=np.float32)
         x = x.astype(np.float32) * scale + offset
         return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, -3)))
+
+
+def choose_box(preprocess: Preprocess, image_rgb: np.ndarray, box224: tuple[float, float, float, float] | None = None,
+               detector: Detector | None = None) -> tuple[Box | None, str]:
+    """Which face box an image is cropped with, and where it came from: the given box in the 224 frame
+    (``"box"``: a dataset's box file); else the largest face ``detector`` finds (``"detector"``; none:
+    NoFaceError); else the whole image (``None, "image"``). Pass the result to ``preprocess.crop(image,
+    box_px=...)``. One rule for the cache, the readers and prediction, so a model is run on the crops
+    it was trained on.
+    """
+    height, width = image_rgb.shape[:2]
+    if box224 is not None:
+        return preprocess.box_to_pixels(box224, width, height), "box"
+    if detector is not None:
+        box = detector(image_rgb)
+        if box is None:
+            raise NoFaceError("no face detected")
+        return box, "detector"
+    return None, "image"

@@ -9,13 +9,11 @@ ONNX model (more accurate, needs the model file). Both return the largest face, 
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import cv2
 import numpy as np
 
-Box = tuple[int, int, int, int]
-Detector = Callable[[np.ndarray], "Box | None"]
+from ptanet.preprocess import Box, Detector
 HAAR_MODEL = "haarcascade_frontalface_default.xml"
 YUNET_SCORE_THRESHOLD = 0.6
 

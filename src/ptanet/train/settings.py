@@ -1,0 +1,235 @@
+"""Training settings, declared once.
+
+Every option of a run is one field of :class:`TrainSettings`, with its default (the paper's, Section 4),
+its help text and its group. The command line's flags are generated from these fields
+(:func:`add_setting_arguments`), YAML files and flags are merged into them by :func:`resolve_settings`
+alone, and the resolved settings are saved with the run (``settings.json``, and in every checkpoint).
+Adding an option is one field here plus its use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ptanet.configs import PAPER_SAMPLING, parse_config, parse_configs, parse_sampling
+from ptanet.models import check_arch, is_pta_arch, list_models
+from ptanet.preprocess import Preprocess
+
+LR_SCHEDULES = ("constant", "cosine")
+GROUPS = ("data", "model", "optimisation", "output")
+
+
+def option(default: Any = None, help: str = "", group: str = "optimisation", *, flag: str | None = None,
+           choices: tuple | None = None, type: Any = None, metavar: str | None = None, cli: bool = True,
+           safe_on_resume: bool = False, default_factory: Any = None) -> Any:
+    """A settings field with what the command line needs to offer it.
+
+    ``type`` is the value type for the flag when ``default`` is None (otherwise the default's type);
+    ``safe_on_resume`` marks settings that may differ when a run is resumed (they change how the run
+    is executed or how long it goes on, not what it computes per epoch).
+    """
+    meta = {"help": help, "group": group, "flag": flag, "choices": choices, "type": type, "metavar": metavar,
+            "cli": cli, "safe_on_resume": safe_on_resume}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainSettings:
+    """Everything a training run depends on. Defaults are the paper's (Section 4)."""
+
+    # --- data -----------------------------------------------------------------------------------
+    data: str = option("", "data root: CelebA-Spoof layout, or live/ and spoof/ folders with --source folder",
+                       "data", cli=False)
+    source: str = option("celeba", "data layout", "data", choices=("celeba", "folder"))
+    protocol: str = option("intra_test", "CelebA-Spoof protocol folder under metas/", "data")
+    detect: str | None = option(None, "face detector for folder images without boxes: haar, or yunet:PATH.onnx",
+                                "data", type=str)
+    cache: str | None = option(None, "crop-cache folder (default: <out>/../cache/<data folder name>)", "data",
+                               type=str, safe_on_resume=True)
+    size: int = option(128, "face crop size in pixels", "data")
+    # Enlarged about the box's centre (Preprocess.box_scale); stored in the checkpoint, so inference
+    # and export crop as training did.
+    box_scale: float = option(1.0, "crop the face box enlarged this many times about its centre (1.0: the "
+                                   "paper's tight box)", "data")
+    val_fraction: float = option(0.2, "part of train held out for validation", "data")
+    val_split: str = option("subject", "validation part: whole subjects, or random images (the paper's; it "
+                                       "leaks identities into validation)", "data", choices=("subject", "random"))
+    seed: int = option(0, "seed of the split, initialisation, sampling, shuffling and augmentation", "data")
+    prepare_workers: int = option(2, "processes that crop faces into the cache", "data", safe_on_resume=True)
+
+    # --- model ----------------------------------------------------------------------------------
+    arch: str = option("pta_mobilenet_v2", "architecture (mobilenet_v2 is the No PTA baseline)", "model",
+                       choices=tuple(list_models()))
+    width_mult: float = option(1.0, "MobileNetV2 width multiplier", "model")
+
+    # --- optimisation ---------------------------------------------------------------------------
+    epochs: int = option(20, "epochs (more may be given when resuming)", safe_on_resume=True)
+    batch_size: int = option(32, "images per step")
+    lr: float = option(1e-4, "Adam learning rate")
+    augment: bool = option(True, "colour jitter + ISO noise (the paper's augmentations)", flag="--no-augment")
+    hflip: bool = option(False, "add a random horizontal flip to the augmentations (not in the paper)")
+    affine: bool = option(False, "add a small random scale/shift/rotation to the augmentations (not in the paper)")
+    # Meant for wide crops: views without a photo's edge or the background force cues in the face itself.
+    zoom: float = option(1.0, "half the time, train on a random square window of 1/Z to all of the crop's side, "
+                              "resized back (1: off; not in the paper)", metavar="Z")
+    # Small steps in the last epochs let the weights settle instead of wandering.
+    lr_schedule: str = option("constant", "learning-rate schedule over the epochs", choices=LR_SCHEDULES)
+    # The decay after n updates is min(d, (1 + n) / (10 + n)) (TensorFlow's rule, see loop._warmed_up_ema).
+    ema_decay: float | None = option(None, "validate, select and keep an exponential moving average of the "
+                                           "weights with this decay, e.g. 0.995 (not in the paper)",
+                                     flag="--ema", type=float, metavar="DECAY")
+    class_weights: str | None = option(None, "weight the loss so that live and spoof count alike (default: plain "
+                                             "cross-entropy, the paper's)", choices=("balanced",))
+    # With few people and unequal counts, who is in a picture predicts its label; balanced groups
+    # take that shortcut away.
+    balance: str | None = option(None, "draw every (subject, class) group equally often (default: a plain "
+                                       "shuffle, the paper's)", choices=("subject",))
+    sampling: dict[str, float] = option(help="configurations drawn in training and their weights, e.g. "
+                                             "HHH=0.45,LHH=0.15,HLH=0.15,HHL=0.15,LLL=0.1 (paper Table 2)",
+                                        type=str, default_factory=lambda: dict(PAPER_SAMPLING))
+    val_configs: list[str] = option(help="configurations validated each epoch: paper, all, or a list",
+                                    type=str, default_factory=lambda: parse_configs("paper"))
+    select_config: str = option("HHH", "the configuration whose validation ACER picks the best epoch (Figure 2)")
+    bn_configs: list[str] = option(help="configurations that get their own BatchNorm statistics after training: "
+                                        "paper, all, a list, or none", type=str,
+                                   default_factory=lambda: parse_configs("paper"))
+    bn_images: int = option(1000, "training crops used to re-estimate BatchNorm statistics per configuration")
+    # The weights were trained on the statistics of augmented batches; plain crops are the
+    # once-for-all practice, so that stays the default.
+    bn_augment: bool = option(False, "re-estimate BatchNorm statistics on augmented crops (colour, noise, flip "
+                                     "and the training's zoom) instead of plain ones")
+    eval_batch_size: int = option(128, "batch size of validation and BatchNorm recalibration", safe_on_resume=True)
+
+    # --- output and execution -------------------------------------------------------------------
+    out: str = option("runs/train", "run folder: settings.json, history.jsonl, last.pt, best.pt", "output")
+    workers: int = option(0, "DataLoader workers (the cache is read >10x faster than training, so 0 is enough)",
+                          "output", safe_on_resume=True)
+    max_batches: int | None = option(None, "cap on batches per epoch (quick runs and tests)", "output", type=int)
+
+    def __post_init__(self) -> None:
+        # Stored paths are absolute, so a checkpoint evaluated from another folder finds its data.
+        if self.data:
+            self.data = str(Path(self.data).resolve())
+        if self.cache:
+            self.cache = str(Path(self.cache).resolve())
+        self.out = str(Path(self.out).resolve())
+        check_arch(self.arch)
+        self.sampling = parse_sampling(self.sampling)
+        self.val_configs = parse_configs(self.val_configs)
+        self.bn_configs = parse_configs(self.bn_configs)
+        self.select_config = parse_config(self.select_config)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and not (value in choices or (value is None and f.default is None)):
+                allowed = (" or ".join(["None", *map(repr, choices)]) if f.default is None
+                           else f"one of {list(choices)}")
+                raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
+        if not self.zoom >= 1.0:
+            raise ValueError(f"zoom must be >= 1 (1 is off), got {self.zoom!r}")
+        for name in ("epochs", "batch_size", "size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        self.preprocess  # raises on a bad box_scale now, not when the data is first read
+
+    @property
+    def is_pta(self) -> bool:
+        return is_pta_arch(self.arch)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(size=self.size, box_scale=self.box_scale)
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.cache:
+            return Path(self.cache)
+        return Path(self.out).parent / "cache" / Path(self.data).resolve().name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(TrainSettings))
+SAFE_ON_RESUME = frozenset(f.name for f in dataclasses.fields(TrainSettings) if f.metadata["safe_on_resume"])
+
+
+def resolve_settings(config_file: str | Path | None = None, **overrides: Any) -> TrainSettings:
+    """Settings from the defaults, then an optional YAML file, then explicit overrides (the command
+    line); ``None`` overrides mean "not given". The one place where settings are merged."""
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{path}: cannot read settings ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: settings must be a mapping of name: value")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - SETTING_NAMES)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(SETTING_NAMES)}")
+    return TrainSettings(**values)
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] = GROUPS) -> None:
+    """Add one flag per setting of ``groups`` to ``parser``, named after the field (``--box-scale``).
+
+    Every flag defaults to None ("not given"), so that :func:`resolve_settings` lets a YAML file or the
+    field's default stand; a boolean setting is a switch towards the non-default value.
+    """
+    for group in groups:
+        title = {"data": "data", "model": "model", "optimisation": "optimisation",
+                 "output": "output and execution"}[group]
+        arguments = parser.add_argument_group(f"{title} settings")
+        for f in dataclasses.fields(TrainSettings):
+            meta = f.metadata
+            if meta["group"] != group or not meta["cli"]:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            resume_note = " [may change on --resume]" if meta["safe_on_resume"] else ""
+            help_text = meta["help"] + (f" (default: {_shown(default)})" if default not in (None, "") else "")
+            if isinstance(default, bool):
+                arguments.add_argument(flag, dest=f.name, action="store_const", const=not default, default=None,
+                                       help=help_text + resume_note)
+                continue
+            value_type = meta["type"] or (str if default is None else type(default))
+            arguments.add_argument(flag, dest=f.name, type=value_type, choices=meta["choices"], default=None,
+                                   metavar=meta["metavar"], help=help_text + resume_note)
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, dict):
+        return ",".join(f"{k}={v:g}" for k, v in default.items())
+    if isinstance(default, list):
+        return ",".join(default) or "none"
+    return str(default)
+
+
+def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (those :func:`add_setting_arguments` added)."""
+    return {name: value for name, value in vars(args).items() if name in SETTING_NAMES}
+
+
+def load_data(settings: TrainSettings, progress: bool = True) -> dict[str, Any]:
+    """The run's crop caches (train/val[/test]), prepared once and reused (see ``build_datasets``)."""
+    from ptanet.data import build_datasets  # the torch data stack, only when data is read
+
+    return build_datasets(
+        settings.data, settings.cache_dir, settings.preprocess, protocol=settings.protocol,
+        val_fraction=settings.val_fraction, val_split=settings.val_split, seed=settings.seed,
+        workers=settings.prepare_workers, source=settings.source, detect=settings.detect, progress=progress,
+    )
