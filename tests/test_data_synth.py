@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ptanet.data import synth
+from ptanet.data.synth import writer
 
 TINY = dict(n_subjects_train=2, n_subjects_test=1, images_per_subject=8)
 
@@ -116,7 +117,7 @@ def test_boxes_inside_frame_and_cover_the_face(tiny):
     # the box covers the drawn head: re-render one live and one spoof of each kind with their masks
     for index, subject, st in [(1, 1, 0), (2, 1, 1), (3, 2, 7), (4, 2, 9), (5, 3, 3)]:
         img, box, mask = synth.render_image(0, index, subject, st, 176)
-        bx, by, bw, bh = synth._box224(box, 176)
+        bx, by, bw, bh = writer._box224(box, 176)
         f = 176 / synth.BOX_FRAME
         x0, y0, x1, y1 = bx * f, by * f, (bx + bw) * f, (by + bh) * f
         ys, xs = np.nonzero(mask > 0.5)
@@ -151,7 +152,7 @@ def test_existing_dir_overwrite_and_ensure(tmp_path):
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = synth._work
+    real = writer._work
 
     def flaky(task):
         calls["n"] += 1
@@ -159,7 +160,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(synth, "_work", flaky)
+    monkeypatch.setattr(writer, "_work", flaky)
     with pytest.raises(KeyboardInterrupt):
         synth.write_synth(tmp_path / "set", seed=0, workers=1, **TINY)
     assert list(tmp_path.iterdir()) == []
