@@ -7,13 +7,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test test-slow demo nuaa clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch is pinned in pyproject.toml (==2.13.0, the CPU build); installing it first keeps pip
-	# from ever resolving a CUDA build for a dependency that names torch without a version.
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# constraints.txt pins the CPU build of torch (torch==2.13.0): the package declares a range, and
+	# an unconstrained install would resolve a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
