@@ -329,3 +329,22 @@ def test_recalibrate_bn_is_the_mean_over_the_crops(tiny_synth, tmp_path):
     model.set_config("HHH")  # other configurations keep what training left
     torch.testing.assert_close(model.get_buffer(shared_name + ".running_mean"), shared)
     assert model.bn_configs == ["LLL"] and model.config == "HHH"
+
+
+def test_every_setting_is_a_flag_and_settings_are_stored_with_absolute_paths(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ptanet.cli import _build_parser
+    from ptanet.train.settings import SAFE_ON_RESUME
+
+    train_parser = _build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest: a for a in train_parser._actions}
+    for f in dataclasses.fields(TrainSettings):
+        assert f.name in dests, f"setting {f.name} has no flag"
+        assert f.metadata["help"] and f.metadata["group"] in ("data", "model", "optimisation", "output")
+        assert ("[may change on --resume]" in dests[f.name].help) == (f.name in SAFE_ON_RESUME)
+    monkeypatch.chdir(tmp_path)
+    s = resolve_settings(data="d", out="runs/x", cache="c")
+    assert (s.data, s.out, s.cache) == tuple(str(tmp_path / p) for p in ("d", "runs/x", "c"))
+    assert resolve_settings(bn_configs="none").bn_configs == []
+    assert resolve_settings(sampling="HHH=3,LLL=1").sampling == {"HHH": 3.0, "LLL": 1.0}

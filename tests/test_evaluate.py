@@ -98,3 +98,41 @@ def test_cli_complexity_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["model"] for r in rows] == ["No PTA", "PTA-LLL"]
     assert rows[1]["mops"] == pytest.approx(87.84, abs=0.1)
+
+
+def test_evaluate_on_a_test_only_root_takes_the_threshold_from_the_checkpoints_own_data(tiny_runs, tiny_synth, tmp_path,
+                                                                                     capsys):
+    import shutil
+
+    from ptanet.checkpoint import load_checkpoint, save_checkpoint
+
+    # Another data set holding only a test split: the cross-dataset case.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_synth / "Data" / "test", other / "Data" / "test")
+    (other / "metas" / "intra_test").mkdir(parents=True)
+    shutil.copy(tiny_synth / "metas" / "intra_test" / "test_label.json", other / "metas" / "intra_test")
+    quiet = dict(progress=False, log=lambda *_: None)
+    own = evaluate_checkpoints([tiny_runs["mobilenet_v2"]], **quiet)
+    rows = evaluate_checkpoints([tiny_runs["mobilenet_v2"]], data=str(other), cache=str(tmp_path / "c"), **quiet)
+    # Same images, same validation part for the threshold: the same numbers as on the own test split.
+    assert [(r["threshold_rule"], r["threshold"], r["acer"]) for r in rows] == [
+        (r["threshold_rule"], r["threshold"], r["acer"]) for r in own]
+    settings = load_checkpoint(tiny_runs["mobilenet_v2"]).meta["settings"]
+    assert rows[1]["threshold_from"] == f"validation part of {settings['data']}" and rows[0]["threshold_from"] == "fixed"
+    assert rows[0]["data"] == str(other.resolve())
+    assert f"Thresholds chosen on the validation part of {settings['data']}" in table3_markdown(rows)
+    assert main(["evaluate", str(tiny_runs["mobilenet_v2"]), "--data", str(other), "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "table3.md").exists()
+
+    # A checkpoint whose training data is not here: only the rows at 0.5, and the log says why.
+    ck = load_checkpoint(tiny_runs["mobilenet_v2"])
+    moved = tmp_path / "moved.pt"
+    save_checkpoint(moved, ck.model, ck.preprocess, meta={**ck.meta, "settings": {**settings, "data": str(tmp_path / "gone")}})
+    said = []
+    rows = evaluate_checkpoints([moved], data=str(other), cache=str(tmp_path / "c"), progress=False, log=said.append)
+    assert [r["threshold_rule"] for r in rows] == ["0.5"] and rows[0]["acer"] == own[0]["acer"]
+    assert any("no validation part to choose an EER threshold" in s for s in said)
+    with pytest.raises(FileNotFoundError, match="gone: the data .* was trained on is not here; pass --data"):
+        evaluate_checkpoints([moved], **quiet)
+    with pytest.raises(ValueError, match="--split val measures the validation part"):
+        evaluate_checkpoints([tiny_runs["mobilenet_v2"]], data=str(other), split="val", **quiet)

@@ -30,7 +30,7 @@ def make_train_augment(seed: int | None = None, hflip: bool = False, affine: boo
     The paper names only the first two. A model trained without the flip is not mirror-invariant
     (in a one-off check on nuaa-dev, averaging the No PTA model's scores over each image and its
     mirror raised test ACER from 4.2 % to 9.7 %), which is why the flip is offered; yet training
-    with it made nuaa-dev test ACER worse in both runs that tried it (README), so it stays off.
+    with it made nuaa-dev test ACER worse in both runs that tried it (docs/experiments.md), so it stays off.
     ``affine`` adds ``AFFINE`` with p=0.5 (did not help on nuaa-dev either).
     ``zoom`` > 1 first zooms in, with p=0.5: a square window whose side is between 1/zoom of the crop
     and all of it (uniform in area), at a random place, resized back to ``size`` x ``size`` (the crops'
