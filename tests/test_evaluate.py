@@ -74,7 +74,7 @@ def test_cli_evaluate_and_errors(tiny_runs, tmp_path, capsys):
 def test_validation_split_measures_the_validation_part(tiny_runs, tmp_path, capsys):
     from ptanet.checkpoint import load_checkpoint
     from ptanet.data import CropDataset
-    from ptanet.evaluate import predict
+    from ptanet.scoring import predict
     from ptanet.preprocess import Preprocess
     from ptanet.train.settings import load_data
     from ptanet.metrics import compute_metrics

@@ -28,7 +28,7 @@ from ptanet.atomic import write_json_atomic
 from ptanet.checkpoint import load_checkpoint, save_checkpoint
 from ptanet.configs import BASELINE_LABEL, ConfigSampler
 from ptanet.data import CropDataset
-from ptanet.evaluate import validate
+from ptanet.scoring import validate
 from ptanet.metrics import selection_key
 from ptanet.models import CHANNELS_LAST, MobileNetV2, create_model, is_pta, to_fast_layout
 from ptanet.train.batchnorm import recalibrate_and_save
