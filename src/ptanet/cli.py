@@ -12,7 +12,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptanet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each _add_* registers one subcommand and sets `func` to its handler.
-    for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_recalibrate, _add_evaluate, _add_report, _add_complexity,
+    for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_cv, _add_recalibrate, _add_evaluate, _add_report, _add_complexity,
                 _add_export, _add_predict, _add_demo, _add_nuaa):
         add(sub)
     return parser
@@ -164,6 +164,35 @@ def _cmd_train(args) -> int:
     settings = resolve_settings(args.config_file, **{**setting_overrides(args), "data": args.data})
     result = loop.train(settings, resume=args.resume)
     print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
+    return 0
+
+
+def _add_cv(sub) -> None:
+    p = sub.add_parser("cv", help="k-fold cross-validation by subject with train's settings (mean, sd, pooled out-of-fold)",
+                       description="Every training subject is held out in exactly one fold; each fold trains with "
+                       "these settings on the others and scores the held-out people. Writes OUT/cv.md/json/csv, "
+                       "OUT/oof_scores.json and one run folder per fold and seed (resumable).")
+    p.add_argument("--data", help="data root (its train list is cross-validated; test is not read for the results)")
+    p.add_argument("--config", dest="config_file", help="YAML file of settings (names as in settings.json)")
+    p.add_argument("--folds", type=int, default=4, help="number of subject folds (default: 4)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each gives its own folds and models (default: 0)")
+    p.add_argument("--configs", help="configurations to report: paper (default), all, or a list")
+    add_setting_arguments(p)
+    p.set_defaults(func=_cmd_cv)
+
+
+def _cmd_cv(args) -> int:
+    from ptanet.cv import CV_COLUMNS, cross_validate
+    from ptanet.tables import render
+    from ptanet.train.settings import resolve_settings
+
+    overrides = {**setting_overrides(args), "data": args.data}
+    overrides.setdefault("out", None)
+    settings = resolve_settings(args.config_file, **{**overrides, "out": overrides["out"] or "runs/cv"})
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    result = cross_validate(settings, settings.out, k=args.folds, seeds=seeds, configs=args.configs)
+    print(render(result["rows"], CV_COLUMNS, "markdown"), end="")
+    print(f"wrote {settings.out}/cv.md, cv.json, cv.csv, oof_scores.json", file=sys.stderr)
     return 0
 
 

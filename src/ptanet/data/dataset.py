@@ -88,7 +88,7 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
                    preprocess: Preprocess = Preprocess(), protocol: str = "intra_test",
                    val_fraction: float = 0.2, val_split: str = "subject", seed: int = 0, workers: int = 2,
                    source: str = "celeba", detect: str | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, holdout_subjects: Iterable[str] = ()) -> dict[str, Any]:
     """Load the item lists, split train into train/val, and prepare (or reuse) one cache per part.
 
     source="celeba": `root` in CelebA-Spoof layout; parts train, val (from train) and test.
@@ -96,7 +96,8 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
     holding live/ and spoof/, test comes from `root/test`. Otherwise there is no test part.
     Returns {"train", "val"[, "test"]: CropCache, "split": describe_split text,
     "loaded": {list: LoadResult summary}, "reports": {list: PrepareReport}}; train and val are parts
-    of one cache of the whole train list (reports has "train" and "test" only).
+    of one cache of the whole train list (reports has "train" and "test" only). ``holdout_subjects``
+    are kept out of both parts and returned as a third part, "holdout" (a cross-validation fold).
     """
     root = Path(root)
     parts = ["train", "test"]
@@ -114,13 +115,22 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
                                progress=progress)
         out["reports"][name] = report
         out[name] = CropCache(report.cache_dir)
-    train, val = split_train_val(loaded["train"].items, val_fraction, by=val_split, seed=seed)
+    held = set(holdout_subjects)
+    unknown = held - {i.subject for i in loaded["train"].items}
+    if unknown:
+        raise ValueError(f"{root}: holdout subject(s) {sorted(unknown)} are not in the train list")
+    kept = [i for i in loaded["train"].items if i.subject not in held]
+    train, val = split_train_val(kept, val_fraction, by=val_split, seed=seed)
+    parts = {"train": train, "val": val}
+    if held:
+        parts["holdout"] = [i for i in loaded["train"].items if i.subject in held]
     row_of = {rel: row for row, rel in enumerate(out["train"].rels)}  # skipped items have no row
     # Each part keeps its items' order, so a part reads exactly as a cache of its own list would.
-    out["train"], out["val"] = (out["train"].part([row_of[i.rel] for i in part if i.rel in row_of])
-                                for part in (train, val))
+    whole = out["train"]
+    for name, part in parts.items():
+        out[name] = whole.part([row_of[i.rel] for i in part if i.rel in row_of])
     # Counted after unreadable images were dropped: what training really sees.
-    out["split"] = describe_parts({name: (out[name].labels.tolist(), out[name].subjects) for name in ("train", "val")})
+    out["split"] = describe_parts({name: (out[name].labels.tolist(), out[name].subjects) for name in parts})
     return out
 
 

@@ -63,6 +63,10 @@ class TrainSettings:
     val_split: str = option("subject", "validation part: whole subjects, or random images (the paper's; it "
                                        "leaks identities into validation)", "data", choices=("subject", "random"))
     seed: int = option(0, "seed of the split, initialisation, sampling, shuffling and augmentation", "data")
+    # Cross-validation (ptanet.cv) trains each fold with its people held out of train and validation.
+    holdout_subjects: list[str] = option(help="subjects of the train list kept out of training and validation, "
+                                              "comma-separated (a cross-validation fold)", group="data", type=str,
+                                         default_factory=list)
     prepare_workers: int = option(2, "processes that crop faces into the cache", "data", safe_on_resume=True)
 
     # --- model ----------------------------------------------------------------------------------
@@ -126,6 +130,9 @@ class TrainSettings:
         self.val_configs = parse_configs(self.val_configs)
         self.bn_configs = parse_configs(self.bn_configs)
         self.select_config = parse_config(self.select_config)
+        if isinstance(self.holdout_subjects, str):
+            self.holdout_subjects = [s.strip() for s in self.holdout_subjects.split(",") if s.strip()]
+        self.holdout_subjects = sorted(str(s) for s in self.holdout_subjects)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -232,4 +239,5 @@ def load_data(settings: TrainSettings, progress: bool = True) -> dict[str, Any]:
         settings.data, settings.cache_dir, settings.preprocess, protocol=settings.protocol,
         val_fraction=settings.val_fraction, val_split=settings.val_split, seed=settings.seed,
         workers=settings.prepare_workers, source=settings.source, detect=settings.detect, progress=progress,
+        holdout_subjects=settings.holdout_subjects,
     )

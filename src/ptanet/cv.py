@@ -1,0 +1,159 @@
+"""Cross-validation by subject: quality numbers that hold on people no model has seen.
+
+The training subjects are dealt into k folds (every person in exactly one fold, folds balanced for
+live and spoof images). For each fold a model is trained with ``ptanet train``'s own settings on the
+other people (its validation part, and so its best epoch, comes from those people too), then scores
+the fold's images: every training image is scored by a model that never saw its person. Reported per
+configuration: mean and standard deviation over folds (and seeds) of ACER at 0.5, EER and AUC, and
+the same metrics on the pooled out-of-fold scores, with the threshold at the pooled EER point and
+the ACER each fold gets at that threshold.
+
+Each fold is its own run folder (``OUT/seed<S>/fold<K>``, resumable like any training run) plus its
+out-of-fold scores (``oof.json``, written atomically when the fold is done), so an interrupted
+cross-validation continues with the first unfinished fold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ptanet.atomic import write_json_atomic
+from ptanet.checkpoint import load_checkpoint
+from ptanet.configs import config_label
+from ptanet.data import CropDataset
+from ptanet.metrics import compute_metrics, eer_threshold
+from ptanet.preprocess import Preprocess
+from ptanet.scoring import score_configs
+from ptanet.tables import write_table
+from ptanet.train.loop import train
+from ptanet.train.settings import TrainSettings, load_data
+
+OOF_NAME = "oof.json"
+CV_COLUMNS = [
+    ("model", "Configuration", "str"),
+    ("acer_mean", "ACER at 0.5 (%)", "pct"), ("acer_std", "sd", "pct"),
+    ("eer_mean", "EER (%)", "pct"), ("eer_std", "sd", "pct"),
+    ("auc_mean", "AUC", "f3"), ("auc_std", "sd", "f3"),
+    ("oof_acer", "pooled ACER at 0.5 (%)", "pct"), ("oof_eer", "pooled EER (%)", "pct"), ("oof_auc", "pooled AUC", "f3"),
+    ("oof_threshold", "pooled EER threshold", "f3"),
+    ("acer_at_oof_mean", "ACER at pooled threshold (%)", "pct"), ("acer_at_oof_std", "sd", "pct"),
+    ("n_folds", "folds", "int"),
+]
+
+
+def subject_folds(subjects: Iterable[str], labels: Iterable[int], k: int = 4, seed: int = 0) -> list[list[str]]:
+    """Deal subjects into ``k`` folds, each person in exactly one, balancing live and spoof counts.
+
+    Largest subjects first (ties in seeded random order), each to the fold whose live and spoof counts,
+    as shares of the totals, are lowest after adding it: a greedy balance that is deterministic for a
+    seed. Raises when there are fewer subjects than folds.
+    """
+    subjects, labels = list(subjects), np.asarray(list(labels), dtype=np.int64)
+    people = sorted(set(subjects))
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    if len(people) < k:
+        raise ValueError(f"cannot make {k} subject folds from {len(people)} subjects")
+    counts = {p: np.zeros(2) for p in people}
+    for subject, label in zip(subjects, labels):
+        counts[subject][label] += 1
+    totals = np.maximum(sum(counts.values()), 1)
+    order = np.random.default_rng(seed).permutation(len(people))
+    people = sorted((people[i] for i in order), key=lambda p: -counts[p].sum())  # stable: ties stay shuffled
+    folds: list[list[str]] = [[] for _ in range(k)]
+    load = np.zeros((k, 2))
+    for person in people:
+        empty = [i for i in range(k) if not folds[i]]  # every fold gets someone first
+        candidates = empty or range(k)
+        best = min(candidates, key=lambda i: (((load[i] + counts[person]) / totals).max(), i))
+        folds[best].append(person)
+        load[best] += counts[person]
+    return [sorted(f) for f in folds]
+
+
+def fold_settings(settings: TrainSettings, out: Path, seed: int, fold: int, holdout: list[str]) -> TrainSettings:
+    return dataclasses.replace(settings, out=str(out / f"seed{seed}" / f"fold{fold}"), seed=seed,
+                               holdout_subjects=holdout)
+
+
+def run_fold(settings: TrainSettings, configs: list[str], progress: bool = True, log=print) -> dict[str, Any]:
+    """Train one fold (resuming its run folder) and score its held-out people; returns the record
+    written to ``oof.json``: per configuration the scores, with labels and subjects."""
+    run = Path(settings.out)
+    done = run / OOF_NAME
+    if done.is_file():
+        return json.loads(done.read_text())
+    result = train(settings, resume=(run / "last.pt").exists(), progress=progress, log=log)
+    data = load_data(settings, progress=False)
+    ck = load_checkpoint(result.best_checkpoint)
+    held = CropDataset(data["holdout"], Preprocess.from_dict(ck.preprocess))
+    scores = score_configs(ck.model, held, configs)
+    record = {"holdout_subjects": settings.holdout_subjects, "rels": data["holdout"].rels,
+              "labels": held.labels.tolist(), "subjects": data["holdout"].subjects,
+              "scores": {config_label(c): s.tolist() for c, (s, _) in scores.items()},
+              "best_epoch": result.best_epoch}
+    write_json_atomic(done, record)
+    return record
+
+
+def cross_validate(settings: TrainSettings, out: str | Path, k: int = 4, seeds: Iterable[int] = (0,),
+                   configs: Iterable[str] | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+    """Run (or continue) a k-fold subject cross-validation of ``settings`` for each seed; write
+    ``OUT/cv.md/json/csv`` (one row per configuration) and ``OUT/oof_scores.json``; return both."""
+    from ptanet.configs import parse_configs
+
+    out = Path(out)
+    configs = parse_configs(configs)
+    seeds = list(seeds)
+    # One crop cache for every fold and seed (by default beside the cross-validation folder).
+    settings = dataclasses.replace(settings, cache=str(settings.cache_dir))
+    whole = load_data(settings, progress)  # the train list, cached once for every fold and seed
+    folds_per_seed = {s: subject_folds(whole["train"].subjects + whole["val"].subjects,
+                                       np.concatenate([whole["train"].labels, whole["val"].labels]), k, s)
+                      for s in seeds}
+    write_json_atomic(out / "folds.json", {str(s): f for s, f in folds_per_seed.items()}, indent=2)
+    records = []
+    jobs = [(s, i, fold) for s in seeds for i, fold in enumerate(folds_per_seed[s])]
+    for s, i, fold in tqdm(jobs, desc="cross-validation folds", disable=not progress):
+        log(f"== seed {s}, fold {i + 1}/{k}: holding out {', '.join(fold)}")
+        records.append({"seed": s, "fold": i, **run_fold(fold_settings(settings, out, s, i, fold), configs,
+                                                        progress, log)})
+    rows = summarize(records)
+    write_table(rows, CV_COLUMNS, out / "cv")
+    write_json_atomic(out / "oof_scores.json", records)
+    return {"rows": rows, "records": records}
+
+
+def summarize(records: list[dict]) -> list[dict[str, Any]]:
+    """Per configuration: fold metrics' mean and sd, pooled out-of-fold metrics, and the ACER per fold
+    at the pooled EER threshold (the threshold a deployment would take from cross-validation)."""
+    rows = []
+    for model in records[0]["scores"]:
+        per_fold = [compute_metrics(r["scores"][model], r["labels"], 0.5) for r in records]
+        scores = np.concatenate([r["scores"][model] for r in records])
+        labels = np.concatenate([r["labels"] for r in records])
+        pooled = compute_metrics(scores, labels, 0.5)
+        threshold = eer_threshold(scores, labels)
+        at_oof = [compute_metrics(r["scores"][model], r["labels"], threshold)["acer"] for r in records]
+        row: dict[str, Any] = {"model": model, "n_folds": len(records), "oof_threshold": threshold,
+                               "oof_acer": pooled["acer"], "oof_eer": pooled["eer"], "oof_auc": pooled["auc"]}
+        for key in ("acer", "eer", "auc"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_sd([m[key] for m in per_fold])
+        row["acer_at_oof_mean"], row["acer_at_oof_std"] = _mean_sd(at_oof)
+        rows.append(row)
+    return rows
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    # A fold without one class has undefined rates (NaN); the mean is over the folds that have them.
+    finite = [v for v in values if v == v]
+    if not finite:
+        return float("nan"), float("nan")
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
