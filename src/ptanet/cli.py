@@ -150,19 +150,30 @@ def _add_train(sub) -> None:
                        description="Settings: defaults (the paper's), then --config YAML, then these flags "
                        "(names as in settings.json). --resume continues a run with its own settings; only those "
                        "marked [may change on --resume] may differ.")
-    p.add_argument("--data", help="data root: CelebA-Spoof layout, or live/ and spoof/ folders with --source folder")
-    p.add_argument("--config", dest="config_file", help="YAML file of settings (names as in settings.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    add_setting_arguments(p)
+    _add_run_settings(p, "data root: CelebA-Spoof layout, or live/ and spoof/ folders with --source folder")
     p.set_defaults(func=_cmd_train)
+
+
+def _add_run_settings(p: argparse.ArgumentParser, data_help: str) -> None:
+    """--data, --config YAML and one flag per training setting (generated from TrainSettings)."""
+    p.add_argument("--data", help=data_help)
+    p.add_argument("--config", dest="config_file", help="YAML file of settings (names as in settings.json)")
+    add_setting_arguments(p)
+
+
+def _run_settings(args, **defaults):
+    """Defaults, then --config YAML, then flags: the one merge (ptanet.train.settings.resolve_settings)."""
+    from ptanet.train.settings import resolve_settings
+
+    given = {k: v for k, v in setting_overrides(args).items() if v is not None}
+    return resolve_settings(args.config_file, **{**defaults, **given, "data": args.data})
 
 
 def _cmd_train(args) -> int:
     from ptanet.train import loop
-    from ptanet.train.settings import resolve_settings
 
-    settings = resolve_settings(args.config_file, **{**setting_overrides(args), "data": args.data})
-    result = loop.train(settings, resume=args.resume)
+    result = loop.train(_run_settings(args), resume=args.resume)
     print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
 
@@ -172,23 +183,18 @@ def _add_cv(sub) -> None:
                        description="Every training subject is held out in exactly one fold; each fold trains with "
                        "these settings on the others and scores the held-out people. Writes OUT/cv.md/json/csv, "
                        "OUT/oof_scores.json and one run folder per fold and seed (resumable).")
-    p.add_argument("--data", help="data root (its train list is cross-validated; test is not read for the results)")
-    p.add_argument("--config", dest="config_file", help="YAML file of settings (names as in settings.json)")
     p.add_argument("--folds", type=int, default=4, help="number of subject folds (default: 4)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each gives its own folds and models (default: 0)")
     p.add_argument("--configs", help="configurations to report: paper (default), all, or a list")
-    add_setting_arguments(p)
+    _add_run_settings(p, "data root (its train list is cross-validated; its test split is not read)")
     p.set_defaults(func=_cmd_cv)
 
 
 def _cmd_cv(args) -> int:
     from ptanet.cv import CV_COLUMNS, cross_validate
     from ptanet.tables import render
-    from ptanet.train.settings import resolve_settings
 
-    overrides = {**setting_overrides(args), "data": args.data}
-    overrides.setdefault("out", None)
-    settings = resolve_settings(args.config_file, **{**overrides, "out": overrides["out"] or "runs/cv"})
+    settings = _run_settings(args, out="runs/cv")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     result = cross_validate(settings, settings.out, k=args.folds, seeds=seeds, configs=args.configs)
     print(render(result["rows"], CV_COLUMNS, "markdown"), end="")
