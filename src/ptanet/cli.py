@@ -159,9 +159,8 @@ def _add_train(sub) -> None:
 
 def _cmd_train(args) -> int:
     from ptanet.train import loop
-    from ptanet.train.settings import resolve_settings
 
-    settings = resolve_settings(args.config_file, **{**setting_overrides(args), "data": args.data})
+    settings = loop.run_settings(args.config_file, args.resume, **{**setting_overrides(args), "data": args.data})
     result = loop.train(settings, resume=args.resume)
     print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
