@@ -173,6 +173,10 @@ def test_prepare_and_train_report_the_same_skips_and_the_parts_after_dropping(de
                           "--prepare-workers", "0")
     assert code == 0 and "reused" in out
     assert [line.split(";")[0] for line in out.splitlines()] == [line.split(";")[0] for line in train_lines]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("meta.json", "index.json", "progress.json", "crops.npy"):  # the cache's files, as open() makes them
+        assert (defective["cache"] / "train" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_history_is_json_with_null_for_an_undefined_acer(defective, trained):

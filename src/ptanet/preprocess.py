@@ -67,12 +67,13 @@ def image_size(data: bytes | np.ndarray) -> tuple[str, int, int] | None:
     itself has no header-only call (a reduced decode still inflates a whole PNG). Raises ValueError
     when a known format's header is cut short or malformed.
     """
-    b = data[:1 << 20].tobytes() if isinstance(data, np.ndarray) else bytes(data[:1 << 20])
+    # A view, not a copy: a JPEG's frame header may follow large metadata segments.
+    b = memoryview(np.ascontiguousarray(data, dtype=np.uint8) if isinstance(data, np.ndarray) else data).cast("B")
     try:
-        if b.startswith(b"\x89PNG\r\n\x1a\n") and b[12:16] == b"IHDR":
+        if b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR":
             width, height = struct.unpack(">II", b[16:24])
             return "PNG", width, height
-        if b.startswith(b"BM"):
+        if b[:2] == b"BM":
             header = struct.unpack("<I", b[14:18])[0]
             if header == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
                 width, height = struct.unpack("<HH", b[18:22])
@@ -80,7 +81,7 @@ def image_size(data: bytes | np.ndarray) -> tuple[str, int, int] | None:
                 width, height = struct.unpack("<ii", b[18:26])
             return "BMP", abs(width), abs(height)  # a negative height means rows stored top-down
         if b[:4] == b"RIFF" and b[8:12] == b"WEBP":
-            chunk = b[12:16]
+            chunk = bytes(b[12:16])
             if chunk == b"VP8X":  # extended: 24-bit (width - 1), (height - 1)
                 return "WebP", int.from_bytes(b[24:27], "little") + 1, int.from_bytes(b[27:30], "little") + 1
             if chunk == b"VP8L":  # lossless: 14 bits each of (width - 1), (height - 1) after a 0x2f byte
@@ -90,7 +91,7 @@ def image_size(data: bytes | np.ndarray) -> tuple[str, int, int] | None:
                 width, height = struct.unpack("<HH", b[26:30])
                 return "WebP", width & 0x3FFF, height & 0x3FFF
             raise ValueError(f"unknown WebP chunk {chunk!r}")
-        if b.startswith(b"\xff\xd8"):
+        if b[:2] == b"\xff\xd8":
             i = 2
             while i + 4 <= len(b):
                 if b[i] != 0xFF:
