@@ -28,7 +28,8 @@ from ptanet.data.celeba import load_celeba, split_train_val
 from ptanet.export import SpoofScorer, _verify, export_onnx
 from ptanet.infer import Predictor
 from ptanet.models import mobilenet_v2
-from ptanet.preprocess import ImageReadError, ImageTooLargeError, Preprocess, image_size, read_image_rgb
+from ptanet.preprocess import (ImageReadError, ImageTooLargeError, Preprocess, decode_image_rgb, image_size,
+                               read_image_rgb)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,6 +87,8 @@ def test_pixel_cap_refuses_from_the_header_before_decoding(tmp_path, monkeypatch
     with pytest.raises(ImageTooLargeError, match=r"bomb.png: PNG of 20000x20000 = 400,000,000 pixels is over the "
                                                  r"limit of 100,000,000"):
         read_image_rgb(bomb)
+    with pytest.raises(ImageTooLargeError, match="upload: PNG of 20000x20000"):  # bytes, as the service gets them
+        decode_image_rgb(bomb.read_bytes(), "upload")
     assert decoded == []  # no pixel was decoded
     monkeypatch.undo()
     small = tmp_path / "small.png"

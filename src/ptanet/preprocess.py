@@ -118,40 +118,49 @@ def image_size(data: bytes | np.ndarray) -> tuple[str, int, int] | None:
 
 
 def read_image_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
-    """Decode an image file to an RGB uint8 HxWx3 array.
+    """Decode an image file to an RGB uint8 HxWx3 array (see :func:`decode_image_rgb`).
 
-    The size is read from the header first and an image over ``max_pixels`` (default
-    :data:`MAX_PIXELS`) is refused before any pixel is decoded (ImageTooLargeError), as is any file
-    that is not PNG, JPEG, BMP or WebP (its size cannot be checked). `cv2.imread` returns None
-    instead of raising on a corrupt file and raises cv2.error beyond its own pixel limit; both
-    become an ImageReadError naming the file. The bytes are read with numpy and decoded with
-    `cv2.imdecode` so that non-ASCII paths work on every platform.
+    The bytes are read with numpy and decoded with `cv2.imdecode` so that non-ASCII paths work on
+    every platform; errors are ImageReadError naming the file.
     """
-    cap = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         data = np.fromfile(os.fspath(path), dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot read image file ({exc.strerror or exc})") from exc
+    return decode_image_rgb(data, os.fspath(path), max_pixels)
+
+
+def decode_image_rgb(data: bytes | np.ndarray, name: str = "<image bytes>", max_pixels: int | None = None) -> np.ndarray:
+    """Decode the bytes of an image file (an upload, say) to an RGB uint8 HxWx3 array.
+
+    The size is read from the header first and an image over ``max_pixels`` (default
+    :data:`MAX_PIXELS`) is refused before any pixel is decoded (ImageTooLargeError), as is any file
+    that is not PNG, JPEG, BMP or WebP (its size cannot be checked). OpenCV returns None instead of
+    raising on corrupt bytes and raises cv2.error beyond its own pixel limit; both become an
+    ImageReadError naming ``name``.
+    """
+    cap = MAX_PIXELS if max_pixels is None else max_pixels
+    data = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     if not data.size:
-        raise ImageReadError(f"{path}: empty file, not an image")
+        raise ImageReadError(f"{name}: empty file, not an image")
     try:
         header = image_size(data)
     except ValueError as exc:
-        raise ImageReadError(f"{path}: cannot decode this image (corrupt header: {exc})") from None
+        raise ImageReadError(f"{name}: cannot decode this image (corrupt header: {exc})") from None
     if header is None:
-        raise ImageReadError(f"{path}: cannot decode this image (not a PNG, JPEG, BMP or WebP file)")
+        raise ImageReadError(f"{name}: cannot decode this image (not a PNG, JPEG, BMP or WebP file)")
     kind, width, height = header
     if width * height > cap:
-        raise ImageTooLargeError(f"{path}: {kind} of {width}x{height} = {width * height:,} pixels is over the "
+        raise ImageTooLargeError(f"{name}: {kind} of {width}x{height} = {width * height:,} pixels is over the "
                                  f"limit of {cap:,} (ptanet.preprocess.MAX_PIXELS); not decoded")
     try:
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)
         if image is None:
-            raise ImageReadError(f"{path}: OpenCV cannot decode this image (corrupt or not an image)")
+            raise ImageReadError(f"{name}: OpenCV cannot decode this image (corrupt or not an image)")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     except cv2.error as exc:  # e.g. beyond OpenCV's own limit of 2^30 pixels
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise ImageReadError(f"{path}: OpenCV cannot decode this image ({reason})") from None
+        raise ImageReadError(f"{name}: OpenCV cannot decode this image ({reason})") from None
 
 
 def _clamp_box(x: int, y: int, w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:
