@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 
+def _umask() -> int:
+    # The umask can only be read by setting it; set it straight back (not thread-safe for a moment,
+    # like every reader of the umask).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False,
                  check: Callable[[Path], None] | None = None) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``.
@@ -26,6 +34,8 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            # mkstemp creates 0600; the file gets the mode open() would give it (0666 less the umask).
+            os.chmod(tmp, 0o666 & ~_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())

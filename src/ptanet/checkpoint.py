@@ -9,7 +9,9 @@ file that is renamed over the target, so a kill never leaves a half-written chec
 
 from __future__ import annotations
 
+import pickle
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ import torch
 
 import ptanet
 from ptanet.atomic import atomic_write
+from ptanet.configs import parse_config
 from ptanet.models import MobileNetV2, create_model, held_config, is_pta
+from ptanet.preprocess import Preprocess
 
 FORMAT = "ptanet.checkpoint"
 FORMAT_VERSION = 1
@@ -82,12 +86,61 @@ def _rebuild(arch: dict, path: Path) -> MobileNetV2:
     kwargs = {k: v for k, v in arch.items() if k not in ("name", "config")}
     try:
         model = create_model(arch["name"], **kwargs)
+        if "config" in arch and is_pta(model):
+            # A static (exported) model: the PTA model reduced to one configuration's branches.
+            model = model.to_static(parse_config(arch["config"], model.num_pta_blocks))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: cannot rebuild the architecture {arch!r}: {exc}") from None
-    if "config" in arch and is_pta(model):
-        # A static (exported) model: the PTA model reduced to one configuration's branches.
-        model = model.to_static(arch["config"])
     return model
+
+
+def _load_error(path: Path, exc: Exception) -> ValueError:
+    """One line for a file torch cannot load. A refused pickle is named as what it is (code, which a
+    checkpoint never holds) with the global it wanted. Torch's own text advises switching the guard
+    off (``weights_only=False``), which is never the answer for a checkpoint, so none of it is kept
+    but the reason itself."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if isinstance(exc, pickle.UnpicklingError) and found:
+        return ValueError(f"{path}: refused: the file holds code (a reference to {found.group(1)}), and a ptanet "
+                          "checkpoint is plain data only; it was not loaded and nothing in it ran")
+    advice = ("weights_only", "weights only", "trust", "file an issue", "documentation", "error:")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = next((line for line in lines if not any(a in line.lower() for a in advice)), type(exc).__name__)
+    return ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason.split('. ')[0][:200]})")
+
+
+def _checked_payload(payload: Any, path: Path) -> dict:
+    """The fields `load_checkpoint` relies on, checked so that a damaged or hand-made file is refused
+    in one line naming it instead of failing later with a KeyError."""
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a ptanet checkpoint (expected a dict with format={FORMAT!r})")
+    version = payload.get("format_version", 0)
+    if not isinstance(version, int):
+        raise ValueError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {version} is newer than this ptanet reads "
+                         f"({FORMAT_VERSION}); upgrade ptanet")
+    for key, kind in (("arch", dict), ("state_dict", dict), ("preprocess", dict), ("labels", dict)):
+        if not isinstance(payload.get(key), kind):
+            found = "missing" if key not in payload else f"a {type(payload[key]).__name__}"
+            raise ValueError(f"{path}: damaged ptanet checkpoint: {key!r} must be a {kind.__name__}, found {found}")
+    if "name" not in payload["arch"]:
+        raise ValueError(f"{path}: damaged ptanet checkpoint: the architecture {payload['arch']!r} has no name")
+    try:
+        labels = {int(k): v for k, v in payload["labels"].items()}
+    except (TypeError, ValueError):
+        labels = {}
+    if sorted(labels) != [0, 1] or not all(isinstance(v, str) and v for v in labels.values()):
+        raise ValueError(f"{path}: damaged ptanet checkpoint: the label map must name classes 0 and 1, "
+                         f"got {payload['labels']!r}")
+    try:
+        Preprocess.from_dict(payload["preprocess"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if not isinstance(payload.get("bn_stats", {}), dict) or not isinstance(payload.get("meta", {}), dict):
+        raise ValueError(f"{path}: damaged ptanet checkpoint: 'bn_stats' and 'meta' must be dicts")
+    return {**payload, "labels": labels}
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
@@ -98,33 +151,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated/foreign files
-        lines = str(exc).splitlines() or [""]
-        # For refused pickles, the useful line is the one naming the forbidden global.
-        reason = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0])
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {reason[:200]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a ptanet checkpoint (expected a dict with format={FORMAT!r})")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint format {payload['format_version']} is newer than this ptanet reads "
-            f"({FORMAT_VERSION}); upgrade ptanet"
-        )
+        raise _load_error(path, exc) from None
+    payload = _checked_payload(payload, path)
     model = _rebuild(payload["arch"], path)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit the architecture {payload['arch']}: {str(exc)[:300]}") from None
-    if is_pta(model):
-        for cfg, stats in payload.get("bn_stats", {}).items():
-            model.set_bn_stats(cfg, {name: (s["mean"], s["var"]) for name, s in stats.items()})
-        if payload.get("config"):
-            model.set_config(payload["config"])
+    try:
+        if is_pta(model):
+            for cfg, stats in payload.get("bn_stats", {}).items():
+                model.set_bn_stats(cfg, {name: (s["mean"], s["var"]) for name, s in stats.items()})
+            if payload.get("config"):
+                model.set_config(payload["config"])
+        elif payload.get("config") and parse_config(payload["config"]) != held_config(model):
+            raise ValueError(f"configuration {payload['config']!r} is not the one the model holds "
+                             f"({held_config(model) or 'No PTA'})")
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise ValueError(f"{path}: damaged ptanet checkpoint: invalid stored configuration or BatchNorm "
+                         f"statistics: {exc}") from None
     model.eval()
     return Checkpoint(
         path=path,
         model=model,
         preprocess=payload["preprocess"],
-        labels={int(k): v for k, v in payload["labels"].items()},
+        labels=payload["labels"],
         config=payload.get("config"),
         meta=payload.get("meta", {}),
         train_state=payload.get("train_state"),

@@ -173,7 +173,8 @@ def _run_settings(args, **defaults):
 def _cmd_train(args) -> int:
     from ptanet.train import loop
 
-    result = loop.train(_run_settings(args), resume=args.resume)
+    settings = loop.run_settings(args.config_file, args.resume, **{**setting_overrides(args), "data": args.data})
+    result = loop.train(settings, resume=args.resume)
     print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
 

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 from ptanet.checkpoint import load_checkpoint
 from ptanet.configs import config_label, parse_configs
 from ptanet.data import CropDataset, prepare_split
+from ptanet.data.celeba import describe_parts
+from ptanet.data.dataset import describe_data
 from ptanet.metrics import compute_metrics, eer_threshold, errors_per_group
 from ptanet.models import is_pta
 from ptanet.preprocess import Preprocess
@@ -54,13 +56,16 @@ SPLITS = {"test": "Test", "val": "Validation"}
 
 
 def _measured_data(path: Path, preprocess: Preprocess, own, data: str | None, split: str, source: str | None,
-                   cache: str | None, progress: bool) -> tuple[dict | None, Any, str]:
-    """(the checkpoint's own caches or None, the cache to measure, the measured root)."""
+                   cache: str | None, progress: bool, log=print) -> tuple[dict | None, Any, str]:
+    """(the checkpoint's own caches or None, the cache to measure, the measured root); logs what was
+    read and skipped, as training does."""
     own_root = own.data if own is not None else None
     foreign = data is not None and (own_root is None or Path(data).resolve() != Path(own_root))
     own_caches = None
     if own_root is not None and Path(own_root).exists():
         own_caches = load_data(own, progress)
+        for line in describe_data(own_caches):
+            log(line)
     if not foreign:
         if own_root is None:
             raise ValueError(f"{path}: the checkpoint names no data set; pass --data")
@@ -73,9 +78,12 @@ def _measured_data(path: Path, preprocess: Preprocess, own, data: str | None, sp
         raise ValueError("--split val measures the validation part of the checkpoint's own data; leave out --data")
     settings = own if own is not None else resolve_settings()
     cache_dir = Path(cache) if cache else path.parent / "eval-cache" / f"{Path(data).resolve().name}-{split}"
-    measured, _, _ = prepare_split(data, cache_dir, split, preprocess,
-                                   source=source or settings.source, protocol=settings.protocol,
-                                   detect=settings.detect, workers=settings.prepare_workers, progress=progress)
+    measured, loaded, report = prepare_split(data, cache_dir, split, preprocess,
+                                             source=source or settings.source, protocol=settings.protocol,
+                                             detect=settings.detect, workers=settings.prepare_workers,
+                                             progress=progress)
+    log(f"{split} list: {loaded.summary()}")
+    log(f"{split} cache: {report.summary()}")
     return own_caches, measured, str(Path(data).resolve())
 
 
@@ -102,7 +110,9 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
         own = resolve_settings(**stored) if stored.get("data") else None
         preprocess = Preprocess.from_dict(ck.preprocess)
         own_caches, measured_cache, measured_root = _measured_data(path, preprocess, own, data, split, source, cache,
-                                                                   progress)
+                                                                   progress, log)
+        if split == "test":  # the validation part is described with the training data
+            log(describe_parts({"test": (measured_cache.labels.tolist(), measured_cache.subjects)}))
         measured = CropDataset(measured_cache, preprocess)
         val = CropDataset(own_caches["val"], preprocess) if own_caches is not None else None
         threshold_from = f"validation part of {own.data}" if val is not None else None

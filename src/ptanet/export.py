@@ -9,7 +9,8 @@ travel inside the file as ``metadata_props`` (JSON strings), so the ``.onnx`` al
 run it correctly (see :func:`read_metadata` and ``ptanet.infer.Predictor``).
 
 Every export is checked before it is published: onnxruntime runs the written file on a random batch
-and its outputs must match PyTorch's; only then is the file renamed into place.
+and its outputs must match PyTorch's (run in float64, see ``_verify``); only then is the file renamed
+into place.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ DEFAULT_OPSET = 17
 # real mismatches (wrong BN statistics, wrong branch, wrong op semantics) with a wide margin. It is
 # absolute for logits up to 1 in size and relative beyond, since rounding grows with the values.
 VERIFY_TOLERANCE = 1e-4
+# ... or this many times PyTorch float32's own error against float64 on the model, if larger (an
+# ill-conditioned but valid model; onnxruntime measured at most 2.5 times PyTorch's error).
+OWN_ERROR_FACTOR = 8.0
 MANIFEST_NAME = "manifest.json"
 
 
@@ -130,18 +134,27 @@ def _to_onnx_bytes(module: nn.Module, size: int, opset: int, dynamic_batch: bool
 
 @torch.inference_mode()
 def _verify(path: Path, module: nn.Module, size: int, batch: int, name: Path, seed: int = 0) -> float:
-    """Max |onnxruntime - PyTorch| over both outputs on a random batch of the file at ``path``;
-    raises (naming the target ``name``) if over tolerance."""
+    """Max |onnxruntime - exact| over both outputs on a random batch of the file at ``path``, where
+    "exact" is the same module run in float64; raises (naming the target ``name``) if over tolerance.
+
+    The tolerance grows with PyTorch's own float32 error on this model: a barely trained model can
+    hold BatchNorm variances near 1e-14, whose 1/sqrt(var + eps) magnifies rounding (measured:
+    PyTorch float32 off float64 by 0.0025, onnxruntime by up to 2.5 times that). A real mismatch
+    (wrong statistics, branch or op) is off by the size of the outputs themselves.
+    """
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    expected = [t.numpy() for t in module(x)]
+    single = [t.numpy() for t in module(x)]
+    exact = [t.numpy() for t in copy.deepcopy(module).double()(x.double())]
     got = ortsession(path).run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-    for output, e, g in zip(OUTPUT_NAMES, expected, got):
+    for output, e, g in zip(OUTPUT_NAMES, exact, got):
         if e.shape != g.shape:
             raise RuntimeError(f"{name}: onnxruntime output {output!r} has shape {g.shape}, PyTorch {e.shape}")
-    diff = max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
-    tolerance = VERIFY_TOLERANCE * max(1.0, float(np.max(np.abs(expected[0]))))
+    diff = max(float(np.max(np.abs(e - g))) for e, g in zip(exact, got))
+    own = max(float(np.max(np.abs(e - s))) for e, s in zip(exact, single))  # PyTorch float32's own error
+    tolerance = max(VERIFY_TOLERANCE * max(1.0, float(np.max(np.abs(exact[0])))), OWN_ERROR_FACTOR * own)
     if not diff < tolerance:
-        raise RuntimeError(f"{name}: onnxruntime and PyTorch outputs differ by {diff:.3g} (tolerance {tolerance:.3g})")
+        raise RuntimeError(f"{name}: onnxruntime and PyTorch outputs differ by {diff:.3g} (PyTorch in float64; "
+                           f"tolerance {tolerance:.3g}, PyTorch's own float32 error {own:.3g})")
     return diff
 
 

@@ -69,7 +69,10 @@ class _OnnxBackend:
         meta = read_metadata(self.session, str(path))
         self.preprocess, self.labels, self.config = meta["preprocess"], meta["labels"], meta["config"]
         shape = self.session.get_inputs()[0].shape
-        size = Preprocess.from_dict(self.preprocess).size
+        try:
+            size = Preprocess.from_dict(self.preprocess).size
+        except (TypeError, ValueError) as exc:  # metadata from a newer ptanet or edited by hand
+            raise ValueError(f"{path}: {exc}") from None
         if self.session.get_inputs()[0].name != INPUT_NAME or list(shape[1:]) != [3, size, size]:
             raise ValueError(f"{path}: input {self.session.get_inputs()[0].name} {shape} does not match the "
                              f"metadata (expected {INPUT_NAME} [N, 3, {size}, {size}])")

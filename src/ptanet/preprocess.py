@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +23,11 @@ import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BOX_SUFFIX = "_BB.txt"
+# Decompression-bomb guard: images with more pixels than this are refused from their header, before
+# any pixel is decoded (a 1.2 MB solid-colour 20000x20000 PNG decodes to 1.2 GB, 2.4 GB at peak).
+# 100 megapixels is 8x CelebA-Spoof's largest originals and a 108 MP phone photo's order of size;
+# settable here (or per call), or by the environment variable PTANET_MAX_PIXELS.
+MAX_PIXELS = int(os.environ.get("PTANET_MAX_PIXELS", 100_000_000))
 Box = tuple[int, int, int, int]  # x, y, w, h in pixels
 Detector = Callable[[np.ndarray], "Box | None"]
 
@@ -38,6 +44,7 @@ class Reason:
     BOX_ZERO = "box has zero size"
     BAD_LABEL = "bad label entry"
     IMAGE_UNREADABLE = "image unreadable"
+    IMAGE_TOO_LARGE = "image over the pixel limit"
     NO_FACE = "no face detected"
 
 
@@ -45,25 +52,115 @@ class ImageReadError(ValueError):
     """An image file that does not exist or that OpenCV cannot decode (message names the file)."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An image whose header claims more pixels than the cap (``MAX_PIXELS``); it was not decoded."""
+
+
 class EmptyBoxError(ValueError):
     """A face box that has no pixels left once scaled to the image and clamped to it."""
 
 
-def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to an RGB uint8 HxWx3 array.
+def image_size(data: bytes | np.ndarray) -> tuple[str, int, int] | None:
+    """(format, width, height) read from a PNG, JPEG, BMP or WebP header; None for any other bytes.
 
-    `cv2.imread` returns None instead of raising on a missing or corrupt file; this turns that into an
-    error that names the file. The bytes are read with numpy and decoded with `cv2.imdecode` so that
-    non-ASCII paths work on every platform.
+    Only the header is parsed, so this costs microseconds whatever the image claims to hold; OpenCV
+    itself has no header-only call (a reduced decode still inflates a whole PNG). Raises ValueError
+    when a known format's header is cut short or malformed.
+    """
+    # A view, not a copy: a JPEG's frame header may follow large metadata segments.
+    b = memoryview(np.ascontiguousarray(data, dtype=np.uint8) if isinstance(data, np.ndarray) else data).cast("B")
+    try:
+        if b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", b[16:24])
+            return "PNG", width, height
+        if b[:2] == b"BM":
+            header = struct.unpack("<I", b[14:18])[0]
+            if header == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+                width, height = struct.unpack("<HH", b[18:22])
+            else:
+                width, height = struct.unpack("<ii", b[18:26])
+            return "BMP", abs(width), abs(height)  # a negative height means rows stored top-down
+        if b[:4] == b"RIFF" and b[8:12] == b"WEBP":
+            chunk = bytes(b[12:16])
+            if chunk == b"VP8X":  # extended: 24-bit (width - 1), (height - 1)
+                return "WebP", int.from_bytes(b[24:27], "little") + 1, int.from_bytes(b[27:30], "little") + 1
+            if chunk == b"VP8L":  # lossless: 14 bits each of (width - 1), (height - 1) after a 0x2f byte
+                bits = struct.unpack("<I", b[21:25])[0]
+                return "WebP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8 ":  # lossy: 14-bit width and height after the key-frame start code
+                width, height = struct.unpack("<HH", b[26:30])
+                return "WebP", width & 0x3FFF, height & 0x3FFF
+            raise ValueError(f"unknown WebP chunk {chunk!r}")
+        if b[:2] == b"\xff\xd8":
+            i = 2
+            while i + 4 <= len(b):
+                if b[i] != 0xFF:
+                    raise ValueError("JPEG marker expected")
+                marker = b[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                    continue
+                if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+                    i += 2
+                    continue
+                length = struct.unpack(">H", b[i + 2:i + 4])[0]
+                # SOF0-SOF15 hold the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range.
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                    height, width = struct.unpack(">HH", b[i + 5:i + 9])
+                    return "JPEG", width, height
+                if marker == 0xDA:  # start of scan before any frame header
+                    break
+                i += 2 + length
+            raise ValueError("no frame header (SOF) found")
+    except struct.error:
+        raise ValueError("header cut short") from None
+    return None
+
+
+def read_image_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file to an RGB uint8 HxWx3 array (see :func:`decode_image_rgb`).
+
+    The bytes are read with numpy and decoded with `cv2.imdecode` so that non-ASCII paths work on
+    every platform; errors are ImageReadError naming the file.
     """
     try:
         data = np.fromfile(os.fspath(path), dtype=np.uint8)
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot read image file ({exc.strerror or exc})") from exc
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ImageReadError(f"{path}: OpenCV cannot decode this image (corrupt or not an image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return decode_image_rgb(data, os.fspath(path), max_pixels)
+
+
+def decode_image_rgb(data: bytes | np.ndarray, name: str = "<image bytes>", max_pixels: int | None = None) -> np.ndarray:
+    """Decode the bytes of an image file (an upload, say) to an RGB uint8 HxWx3 array.
+
+    The size is read from the header first and an image over ``max_pixels`` (default
+    :data:`MAX_PIXELS`) is refused before any pixel is decoded (ImageTooLargeError), as is any file
+    that is not PNG, JPEG, BMP or WebP (its size cannot be checked). OpenCV returns None instead of
+    raising on corrupt bytes and raises cv2.error beyond its own pixel limit; both become an
+    ImageReadError naming ``name``.
+    """
+    cap = MAX_PIXELS if max_pixels is None else max_pixels
+    data = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    if not data.size:
+        raise ImageReadError(f"{name}: empty file, not an image")
+    try:
+        header = image_size(data)
+    except ValueError as exc:
+        raise ImageReadError(f"{name}: cannot decode this image (corrupt header: {exc})") from None
+    if header is None:
+        raise ImageReadError(f"{name}: cannot decode this image (not a PNG, JPEG, BMP or WebP file)")
+    kind, width, height = header
+    if width * height > cap:
+        raise ImageTooLargeError(f"{name}: {kind} of {width}x{height} = {width * height:,} pixels is over the "
+                                 f"limit of {cap:,} (ptanet.preprocess.MAX_PIXELS); not decoded")
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+        if image is None:
+            raise ImageReadError(f"{name}: OpenCV cannot decode this image (corrupt or not an image)")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    except cv2.error as exc:  # e.g. beyond OpenCV's own limit of 2^30 pixels
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ImageReadError(f"{name}: OpenCV cannot decode this image ({reason})") from None
 
 
 def _clamp_box(x: int, y: int, w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:

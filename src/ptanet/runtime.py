@@ -13,6 +13,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from ptanet.configs import parse_config
+
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logits", "spoof_score")
 METADATA_FORMAT = "ptanet.onnx"
@@ -58,7 +60,24 @@ def read_metadata(source: str | os.PathLike | ort.InferenceSession, name: str | 
         meta = {k: json.loads(v) for k, v in props.items()}
     except json.JSONDecodeError as exc:
         raise ValueError(f"{where}: corrupt ptanet metadata ({exc})") from None
-    if meta.get("format_version", 0) > METADATA_VERSION:
-        raise ValueError(f"{where}: ONNX metadata version {meta['format_version']} is newer than this ptanet reads")
-    meta["labels"] = {int(k): v for k, v in meta["labels"].items()}
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int):
+        raise ValueError(f"{where}: corrupt ptanet metadata (format_version {version!r} is not an integer)")
+    if version > METADATA_VERSION:
+        raise ValueError(f"{where}: ONNX metadata version {version} is newer than this ptanet reads")
+    try:
+        labels = {int(k): v for k, v in meta["labels"].items()}
+    except (KeyError, AttributeError, TypeError, ValueError):
+        labels = {}
+    if sorted(labels) != [0, 1] or not all(isinstance(v, str) and v for v in labels.values()):
+        raise ValueError(f"{where}: corrupt ptanet metadata (the label map must name classes 0 and 1, "
+                         f"got {meta.get('labels')!r})")
+    meta["labels"] = labels
+    if not isinstance(meta.get("preprocess"), dict):
+        raise ValueError(f"{where}: corrupt ptanet metadata (no preprocess settings)")
+    if meta.get("config") is not None:
+        try:
+            meta["config"] = parse_config(meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: corrupt ptanet metadata (invalid configuration: {exc})") from None
     return meta

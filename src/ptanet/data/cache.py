@@ -41,8 +41,9 @@ from tqdm import tqdm
 from ptanet.atomic import write_json_atomic
 from ptanet.data.celeba import Item, Skipped, count_summary
 from ptanet.detect import make_detector, parse_detect_spec
-from ptanet.preprocess import (EmptyBoxError, ImageReadError, NoFaceError, Preprocess, Reason, choose_box,
-                               read_image_rgb)
+from ptanet import preprocess as _preprocess
+from ptanet.preprocess import (EmptyBoxError, ImageReadError, ImageTooLargeError, NoFaceError, Preprocess, Reason,
+                               choose_box, read_image_rgb)
 from ptanet.data.workers import pool_context
 
 FORMAT_VERSION = 1
@@ -103,6 +104,8 @@ class _Cropper:
 
     preprocess: Preprocess
     detect: str | None
+    # Read in the parent when the cropper is made: worker processes do not see a changed module value.
+    max_pixels: int = field(default_factory=lambda: _preprocess.MAX_PIXELS)
 
     def __call__(self, tasks: list[tuple[str, tuple[float, float, float, float] | None]]
                  ) -> list[tuple[np.ndarray | None, str, str]]:
@@ -112,7 +115,9 @@ class _Cropper:
         if not os.path.exists(path):
             return None, Reason.IMAGE_MISSING, path
         try:
-            image = read_image_rgb(path)
+            image = read_image_rgb(path, self.max_pixels)
+        except ImageTooLargeError as exc:
+            return None, Reason.IMAGE_TOO_LARGE, str(exc)
         except ImageReadError as exc:
             return None, Reason.IMAGE_UNREADABLE, str(exc)
         try:

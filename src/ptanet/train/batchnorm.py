@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ptanet.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ptanet.configs import parse_config
 from ptanet.data import CropCache, CropDataset
+from ptanet.data.dataset import describe_data
 from ptanet.models import CHANNELS_LAST, PTAMobileNetV2, is_pta, to_fast_layout
 from ptanet.preprocess import Preprocess
 from ptanet.train.settings import load_data, resolve_settings
@@ -99,6 +100,8 @@ def recalibrate_checkpoint(path: str | Path, out: str | Path | None = None, conf
     if not configs:
         raise ValueError(f"{path}: no configurations to recalibrate")
     data = load_data(settings, progress)
+    for line in describe_data(data):  # what was read and skipped, as training reports it
+        log(line)
     out = Path(out) if out else path
     recalibrate_and_save(ck, out, data["train"], configs, settings.bn_images if num_images is None else num_images,
                          settings.bn_augment if augment is None else augment, settings.seed, progress, log,

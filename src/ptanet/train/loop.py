@@ -137,7 +137,10 @@ def _warmed_up_ema(decay: float):
 def check_resumable(last_path: Path, stored: dict, settings: TrainSettings) -> None:
     """Refuse to resume a run with settings that change what it computes (naming each, old and new);
     those marked ``safe_on_resume`` (more epochs, workers, ...) may differ."""
-    stored_settings = resolve_settings(**stored)
+    try:
+        stored_settings = resolve_settings(**stored)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{last_path}: the run's stored settings are not valid here ({exc})") from None
     if (stored_settings.ema_decay is None) != (settings.ema_decay is None):
         raise ValueError(f"{last_path}: this run was trained {'without' if stored_settings.ema_decay is None else 'with'} "
                          "ema_decay; resume it with the same setting")
@@ -148,6 +151,21 @@ def check_resumable(last_path: Path, stored: dict, settings: TrainSettings) -> N
         raise ValueError(f"{last_path}: cannot resume with changed settings ({'; '.join(changed)}); only "
                          f"{', '.join(sorted(SAFE_ON_RESUME))} may change. Resume with the run's own settings or "
                          "start a new run in another --out")
+
+
+def run_settings(config_file: str | Path | None = None, resume: bool = False, **overrides) -> TrainSettings:
+    """The settings of ``ptanet train``: the defaults, then ``config_file``, then ``overrides``. Resuming
+    a run that has a ``last.pt``, its own settings take the defaults' place, so only what is given
+    again can differ (and ``train`` refuses what may not)."""
+    settings = resolve_settings(config_file, **overrides)
+    last_path = Path(settings.out) / "last.pt"
+    if not (resume and last_path.exists()):
+        return settings
+    stored = load_checkpoint(last_path).meta.get("settings") or {}
+    try:
+        return resolve_settings(config_file, base=stored, **{**overrides, "out": settings.out})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{last_path}: the run's stored settings are not valid here ({exc})") from None
 
 
 def train(settings: TrainSettings, resume: bool = False, progress: bool = True, log=print) -> TrainResult:

@@ -113,7 +113,9 @@ class TrainSettings:
     eval_batch_size: int = option(128, "batch size of validation and BatchNorm recalibration", safe_on_resume=True)
 
     # --- output and execution -------------------------------------------------------------------
-    out: str = option("runs/train", "run folder: settings.json, history.jsonl, last.pt, best.pt", "output")
+    # Safe on resume: a run folder moved or renamed is the same run.
+    out: str = option("runs/train", "run folder: settings.json, history.jsonl, last.pt, best.pt", "output",
+                      safe_on_resume=True)
     workers: int = option(0, "DataLoader workers (the cache is read >10x faster than training, so 0 is enough)",
                           "output", safe_on_resume=True)
     max_batches: int | None = option(None, "cap on batches per epoch (quick runs and tests)", "output", type=int)
@@ -171,10 +173,12 @@ SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(TrainSettings))
 SAFE_ON_RESUME = frozenset(f.name for f in dataclasses.fields(TrainSettings) if f.metadata["safe_on_resume"])
 
 
-def resolve_settings(config_file: str | Path | None = None, **overrides: Any) -> TrainSettings:
-    """Settings from the defaults, then an optional YAML file, then explicit overrides (the command
-    line); ``None`` overrides mean "not given". The one place where settings are merged."""
-    values: dict[str, Any] = {}
+def resolve_settings(config_file: str | Path | None = None, base: dict[str, Any] | None = None,
+                     **overrides: Any) -> TrainSettings:
+    """Settings from the defaults (or ``base``: a resumed run's own), then an optional YAML file, then
+    explicit overrides (the command line); ``None`` overrides mean "not given". The one place where
+    settings are merged."""
+    values: dict[str, Any] = dict(base or {})
     if config_file:
         path = Path(config_file)
         try:
