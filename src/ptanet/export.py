@@ -1,20 +1,27 @@
-"""ONNX export: one self-describing, verified ``.onnx`` file per PTA configuration.
+"""ONNX export: self-contained, self-describing, verified ``.onnx`` files.
 
-A PTA model switches configurations at run time, but a deployment usually wants one fixed speed
-point and no PyTorch. So each configuration is reduced with ``PTAMobileNetV2.to_static(config)`` --
-the same module evaluation measures, with that configuration's BatchNorm statistics -- and exported
-alone. The graph takes ``image`` (N,3,H,W float, already normalised) and returns ``logits`` and
-``spoof_score`` (softmax probability of class 1, spoof). Preprocessing, label map and configuration
-travel inside the file as ``metadata_props`` (JSON strings), so the ``.onnx`` alone is enough to
-run it correctly (see :func:`read_metadata` and ``ptanet.infer.Predictor``).
+A PTA model switches configurations at run time, but a deployment wants no PyTorch. Each
+configuration is reduced with ``PTAMobileNetV2.to_static(config)`` -- the same module evaluation
+measures, with that configuration's BatchNorm statistics -- and wrapped in :class:`Deployable`, which
+puts what a camera pipeline would otherwise have to get right inside the graph: the graph takes
+``image``, uint8 RGB face crops (N, S, S, 3) as ``Preprocess.crop`` gives them, casts, orders the
+channels (``Preprocess.color``), normalises with the stored mean/std and transposes to NCHW, and
+returns ``probabilities`` (N, 2: [live, spoof]) and ``spoof_score`` (N,). Wrong channel order and
+double normalisation, the classic silent failures of exported anti-spoofing models, cannot happen
+outside the file. Preprocessing, label map, crop rule, threshold and configuration travel in the
+file's ``metadata_props`` (JSON strings; :func:`ptanet.runtime.read_metadata`).
 
-Every export is checked before it is published: onnxruntime runs the written file on a random batch
-and its outputs must match PyTorch's; only then is the file renamed into place.
+:func:`export_switchable` writes one file that holds several configurations (see its docstring).
+
+Every export is checked before it is published: onnxruntime runs the written file on real face crops
+from the checkpoint's training cache (generated crops when the cache cannot be reached; the result
+says which) and its probabilities must match PyTorch's; only then is the file renamed into place.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import os
@@ -34,14 +41,17 @@ from ptanet.checkpoint import Checkpoint, load_checkpoint, versions
 from ptanet.configs import config_label, parse_config, parse_configs
 from ptanet.models import MobileNetV2, held_config, is_pta
 from ptanet.preprocess import Preprocess
-from ptanet.runtime import INPUT_NAME, METADATA_FORMAT, METADATA_VERSION, OUTPUT_NAMES, ortsession
+from ptanet.runtime import (CONFIG_INPUT, INPUT_NAME, METADATA_FORMAT, METADATA_VERSION, OUTPUT_NAMES,
+                            ortsession)
 
 DEFAULT_OPSET = 17
-# Float32 conv stacks differ between PyTorch and onnxruntime kernels by ~1e-6 relative; 1e-4 catches
-# real mismatches (wrong BN statistics, wrong branch, wrong op semantics) with a wide margin. It is
-# absolute for logits up to 1 in size and relative beyond, since rounding grows with the values.
+# Float32 conv stacks differ between PyTorch and onnxruntime kernels by ~1e-6 relative; 1e-4 on the
+# probabilities catches real mismatches (wrong BN statistics, wrong branch, wrong channel order or
+# normalisation) with a wide margin.
 VERIFY_TOLERANCE = 1e-4
+VERIFY_CROPS = 32  # real crops per parity check: enough to see both classes, quick to run
 MANIFEST_NAME = "manifest.json"
+SWITCHABLE_NAME = "model_switchable.onnx"
 
 
 class SpoofScorer(nn.Module):
@@ -60,6 +70,31 @@ class SpoofScorer(nn.Module):
         return logits, torch.softmax(logits, dim=1)[:, 1]
 
 
+class Deployable(nn.Module):
+    """What is exported: uint8 RGB crops (N, S, S, 3) in, ``(probabilities, spoof_score)`` out.
+
+    The cast, channel order, mean/std and NHWC -> NCHW of ``Preprocess.normalize`` happen here, in
+    the graph, followed by the evaluated module itself and :class:`SpoofScorer`'s softmax.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.scorer = SpoofScorer(model)
+        std = torch.tensor(preprocess.std, dtype=torch.float32)
+        # x * scale + offset == (x / 255 - mean) / std, in the order normalize() computes it.
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("offset", -torch.tensor(preprocess.mean, dtype=torch.float32) / std)
+        self.bgr = preprocess.color == "BGR"
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image.to(torch.float32)
+        if self.bgr:  # crops are RGB; this network was trained on BGR
+            x = x[..., [2, 1, 0]]
+        x = (x * self.scale + self.offset).permute(0, 3, 1, 2)
+        logits, spoof = self.scorer(x)
+        return torch.softmax(logits, dim=1), spoof
+
+
 @dataclass
 class _Source:
     """What an export needs from a checkpoint or a bare model."""
@@ -68,6 +103,7 @@ class _Source:
     preprocess: dict
     labels: dict[int, str]
     origin: str
+    checkpoint: Checkpoint | None = None
 
 
 def _source(obj: str | os.PathLike | Checkpoint | MobileNetV2, preprocess: dict | None) -> _Source:
@@ -75,7 +111,7 @@ def _source(obj: str | os.PathLike | Checkpoint | MobileNetV2, preprocess: dict 
         obj = load_checkpoint(obj)
     if isinstance(obj, Checkpoint):
         # The file name only: an absolute path would leak the exporting machine's layout into deployments.
-        return _Source(obj.model, preprocess or obj.preprocess, obj.labels, Path(obj.path).name)
+        return _Source(obj.model, preprocess or obj.preprocess, obj.labels, Path(obj.path).name, obj)
     if isinstance(obj, MobileNetV2):
         # A bare model has no stored preprocessing: the paper's defaults unless the caller says.
         return _Source(obj, preprocess or Preprocess().to_dict(), dict(ptanet.LABELS), f"<{type(obj).__name__}>")
@@ -94,23 +130,77 @@ def _static_module(model: MobileNetV2, config: str | None) -> tuple[nn.Module, s
     return copy.deepcopy(model).eval(), own
 
 
-def _metadata(config: str | None, src: _Source, arch: dict, size: int) -> dict[str, str]:
-    meta = {
+# --- crops for the parity check -------------------------------------------------------------------
+def generated_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth random uint8 images (N, size, size, 3): blurred blobs, not white noise, so the
+    activations look more like a face crop's. The fallback when no training crops can be read."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (n, 8, 8, 3)).astype(np.float32)
+    idx = np.linspace(0, 7, size)
+    lo, frac = np.floor(idx).astype(int), (idx - np.floor(idx))[None, :, None, None]
+    hi = np.minimum(lo + 1, 7)
+    rows = coarse[:, lo] * (1 - frac) + coarse[:, hi] * frac
+    frac = frac.reshape(1, 1, size, 1)
+    img = rows[:, :, lo] * (1 - frac) + rows[:, :, hi] * frac
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+def training_crops(checkpoint: Checkpoint | None, n: int, size: int) -> tuple[np.ndarray | None, str]:
+    """Up to ``n`` real face crops from the training crop cache a checkpoint was trained on (evenly
+    spread over it, so both classes appear), and where they came from; (None, reason) when the cache
+    cannot be reached or was cropped differently."""
+    settings = (checkpoint.meta or {}).get("settings") if checkpoint is not None else None
+    if not settings:
+        return None, "no training settings stored with the model"
+    try:
+        # The training stack only when a training cache is read: the deployment core never needs it.
+        from ptanet.data import CropCache
+        from ptanet.train.settings import resolve_settings
+
+        cache = CropCache(Path(resolve_settings(**settings).cache_dir) / "train")
+    except (OSError, ValueError, TypeError, ImportError) as exc:
+        return None, f"training crop cache not readable ({str(exc)[:120]})"
+    if cache.crops.shape[1:] != (size, size, 3) or len(cache.crops) == 0:
+        return None, f"training crop cache {cache.cache_dir} holds crops of shape {cache.crops.shape[1:]}"
+    rows = np.unique(np.linspace(0, len(cache.crops) - 1, min(n, len(cache.crops))).astype(int))
+    return np.ascontiguousarray(cache.crops[rows]), f"{len(rows)} crops of the training cache {cache.cache_dir}"
+
+
+def parity_crops(src: _Source, n: int = VERIFY_CROPS) -> tuple[np.ndarray, str]:
+    """Real training crops when reachable, else generated ones; and a line saying which."""
+    size = Preprocess.from_dict(src.preprocess).size
+    crops, where = training_crops(src.checkpoint, n, size)
+    if crops is None:
+        return generated_crops(n, size), f"{n} generated crops ({where})"
+    return crops, where
+
+
+# --- writing and checking one graph -------------------------------------------------------------------
+def _json_props(meta: dict) -> dict[str, str]:
+    return {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}
+
+
+def _metadata(config: str | None, src: _Source, arch: dict, size: int, threshold: float,
+              configs: list[dict]) -> dict:
+    prep = Preprocess.from_dict(src.preprocess)
+    return {
         "format": METADATA_FORMAT,
         "format_version": METADATA_VERSION,
         "config": config,
         "model": config_label(config),
+        "configs": configs,
         "preprocess": src.preprocess,
+        "box_scale": prep.box_scale,
+        "threshold": threshold,
         "labels": {str(k): v for k, v in src.labels.items()},
         "arch": arch,
-        "input": {"name": INPUT_NAME, "shape": ["N", 3, size, size], "dtype": "float32",
-                  "note": "RGB/BGR order, mean and std as in preprocess; already normalised"},
-        "outputs": {"logits": "(N, num_classes) raw class scores",
-                    "spoof_score": "(N,) softmax probability of label 1 (spoof); predict spoof iff >= threshold"},
+        "input": {"name": INPUT_NAME, "shape": ["N", size, size, 3], "dtype": "uint8",
+                  "note": "RGB face crops as Preprocess.crop returns them; the graph normalises"},
+        "outputs": {"probabilities": "(N, 2) softmax over [live, spoof] (labels)",
+                    "spoof_score": "(N,) probability of label 1 (spoof); predict spoof iff >= threshold"},
         "versions": {**versions(), "onnx": onnx.__version__},
         "source": src.origin,
     }
-    return {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}
 
 
 def _to_onnx_bytes(module: nn.Module, size: int, opset: int, dynamic_batch: bool) -> bytes:
@@ -121,7 +211,7 @@ def _to_onnx_bytes(module: nn.Module, size: int, opset: int, dynamic_batch: bool
         # nothing for a plain conv net); its deprecation notice is noise for our users.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
-            module, (torch.zeros(1, 3, size, size),), buf, dynamo=False,
+            module, (torch.zeros(1, size, size, 3, dtype=torch.uint8),), buf, dynamo=False,
             input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
             opset_version=opset, dynamic_axes=dynamic_axes, do_constant_folding=True,
         )
@@ -129,20 +219,35 @@ def _to_onnx_bytes(module: nn.Module, size: int, opset: int, dynamic_batch: bool
 
 
 @torch.inference_mode()
-def _verify(path: Path, module: nn.Module, size: int, batch: int, name: Path, seed: int = 0) -> float:
-    """Max |onnxruntime - PyTorch| over both outputs on a random batch of the file at ``path``;
-    raises (naming the target ``name``) if over tolerance."""
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    expected = [t.numpy() for t in module(x)]
-    got = ortsession(path).run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+def _verify(path: Path, module: nn.Module, crops: np.ndarray, name: Path, feeds: dict | None = None) -> float:
+    """Max |onnxruntime - PyTorch| over both outputs (probabilities) on ``crops`` for the file at
+    ``path``; raises (naming the target ``name``) if over tolerance. ``feeds``: extra inputs (the
+    configuration index of a switchable file)."""
+    expected = [t.numpy() for t in module(torch.from_numpy(crops))]
+    session = ortsession(path)
+    batch = session.get_inputs()[0].shape[0]
+    step = batch if isinstance(batch, int) else len(crops)  # a fixed-batch file runs crop by crop
+    runs = [session.run(list(OUTPUT_NAMES), {INPUT_NAME: crops[i:i + step], **(feeds or {})})
+            for i in range(0, len(crops), step)]
+    got = [np.concatenate(outs) for outs in zip(*runs)]
     for output, e, g in zip(OUTPUT_NAMES, expected, got):
         if e.shape != g.shape:
             raise RuntimeError(f"{name}: onnxruntime output {output!r} has shape {g.shape}, PyTorch {e.shape}")
     diff = max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
-    tolerance = VERIFY_TOLERANCE * max(1.0, float(np.max(np.abs(expected[0]))))
+    tolerance = VERIFY_TOLERANCE  # outputs are probabilities: absolute
     if not diff < tolerance:
         raise RuntimeError(f"{name}: onnxruntime and PyTorch outputs differ by {diff:.3g} (tolerance {tolerance:.3g})")
     return diff
+
+
+def _config_entry(module: nn.Module, config: str | None, size: int, meta: dict | None) -> dict:
+    """What a device needs to choose a configuration: cost and recorded validation quality."""
+    from ptanet.bench import count_macs, count_params  # ptflops is slow to import
+
+    params, macs = count_params(module), count_macs(module, size)
+    val = ((meta or {}).get("val") or {}).get(config or "No PTA")
+    return {"config": config, "model": config_label(config), "params": params, "macs": macs,
+            "mops": macs / 1e6, "val": val}
 
 
 def export_onnx(
@@ -152,6 +257,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     preprocess: dict | None = None,
+    threshold: float = 0.5,
 ) -> dict:
     """Export one configuration to ``out_path`` and verify it with onnxruntime.
 
@@ -160,37 +266,54 @@ def export_onnx(
     otherwise gets the paper's defaults). The file is written to a temporary name, verified, and only
     then renamed over ``out_path``: a failed or interrupted export never leaves a bad model there.
 
-    Returns ``{path, config, model, opset, max_abs_diff, size_bytes}``.
+    Returns ``{path, config, model, opset, max_abs_diff, parity_data, size_bytes}``.
     """
     src = _source(checkpoint_path_or_model, preprocess)
     module, config = _static_module(src.model, config)
-    return _export_static(module, config, src, Path(out_path), opset, dynamic_batch)
+    return _export_static(module, config, src, Path(out_path), opset, dynamic_batch, threshold)
 
 
 def _export_static(module: nn.Module, config: str | None, src: _Source, out_path: Path, opset: int,
-                   dynamic_batch: bool) -> dict:
-    size = Preprocess.from_dict(src.preprocess).size
-    scorer = SpoofScorer(module).eval()
-    proto = onnx.load_from_string(_to_onnx_bytes(scorer, size, opset, dynamic_batch))
-    onnx.helper.set_model_props(proto, _metadata(config, src, dict(module.arch), size))
-    proto.doc_string = f"ptanet {config_label(config)}: face anti-spoofing; spoof_score = P(spoof)"
+                   dynamic_batch: bool, threshold: float = 0.5, crops: tuple[np.ndarray, str] | None = None) -> dict:
+    prep = Preprocess.from_dict(src.preprocess)
+    wrapped = Deployable(module, prep).eval()
+    proto = onnx.load_from_string(_to_onnx_bytes(wrapped, prep.size, opset, dynamic_batch))
+    entry = _config_entry(module, config, prep.size, src.checkpoint.meta if src.checkpoint else None)
+    onnx.helper.set_model_props(proto, _json_props(_metadata(config, src, dict(module.arch), prep.size, threshold, [entry])))
+    proto.doc_string = f"ptanet {config_label(config)}: face anti-spoofing; uint8 RGB crops in, [live, spoof] out"
     onnx.checker.check_model(proto)
+    crops, where = crops or parity_crops(src)
 
     diff = float("nan")
 
     def verify(tmp: Path) -> None:  # on the written bytes, before they replace out_path
         nonlocal diff
-        diff = _verify(tmp, scorer, size, 3 if dynamic_batch else 1, out_path)
+        diff = _verify(tmp, wrapped, crops, out_path)
 
     atomic_write(out_path, lambda f: f.write(proto.SerializeToString()), binary=True, check=verify)
     opset_written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return {"path": str(out_path), "config": config, "model": config_label(config), "opset": opset_written,
-            "max_abs_diff": diff, "size_bytes": out_path.stat().st_size}
+            "max_abs_diff": diff, "parity_data": where, "size_bytes": out_path.stat().st_size,
+            **{k: entry[k] for k in ("params", "macs", "mops", "val")}}
 
 
 def onnx_filename(config: str | None) -> str:
     """``model_LHH.onnx`` for a configuration, ``model_baseline.onnx`` for No PTA."""
     return f"model_{config or 'baseline'}.onnx"
+
+
+def _wanted_configs(src: _Source, configs: Iterable[str] | str | None) -> list[str | None]:
+    if is_pta(src.model):
+        if configs is None or isinstance(configs, str):
+            return list(parse_configs(configs))
+        wanted: list[str | None] = list(dict.fromkeys(parse_config(c, src.model.num_pta_blocks) for c in configs))
+        if not wanted:
+            raise ValueError("no configuration to export; give e.g. ['HHH', 'LLL'] or None for the paper's six")
+        return wanted
+    if configs:
+        raise ValueError(f"{src.origin}: the model has no PTA blocks, so it has no configurations to export; "
+                         "leave configs empty to export it as it is")
+    return [None]
 
 
 def export_all(
@@ -199,6 +322,7 @@ def export_all(
     configs: Iterable[str] | str | None = None,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    threshold: float = 0.5,
 ) -> dict:
     """Export one ``.onnx`` per configuration into ``out_dir`` plus ``manifest.json``.
 
@@ -208,39 +332,25 @@ def export_all(
     with its parameters and multiply-adds (``ptanet.bench``), sorted fastest first, so a device can
     pick the best configuration its time budget allows. Returns the manifest.
     """
-    from ptanet.bench import count_macs, count_params  # ptflops is slow to import
-
     src = _source(checkpoint, None)
-    if is_pta(src.model):
-        if configs is None or isinstance(configs, str):
-            wanted: list[str | None] = list(parse_configs(configs))
-        else:
-            wanted = list(dict.fromkeys(parse_config(c, src.model.num_pta_blocks) for c in configs))
-            if not wanted:
-                raise ValueError("no configuration to export; give e.g. ['HHH', 'LLL'] or None for the paper's six")
-    elif configs:
-        raise ValueError(f"{src.origin}: the model has no PTA blocks, so it has no configurations to export; "
-                         "leave configs empty to export it as it is")
-    else:
-        wanted = [None]
+    wanted = _wanted_configs(src, configs)
     size = Preprocess.from_dict(src.preprocess).size
+    crops = parity_crops(src)
     out_dir = Path(out_dir)
     entries = []
     for config in wanted:
         module, canonical = _static_module(src.model, config)
         name = onnx_filename(canonical)
-        result = _export_static(module, canonical, src, out_dir / name, opset, dynamic_batch)
-        params, macs = count_params(module), count_macs(module, size)
+        result = _export_static(module, canonical, src, out_dir / name, opset, dynamic_batch, threshold, crops)
         del result["path"]  # the manifest travels with its folder: file names only
-        entries.append({"file": name, **result, "params": params, "params_m": params / 1e6,
-                        "macs": macs, "mops": macs / 1e6})
+        entries.append({"file": name, **result, "params_m": result["params"] / 1e6})
     entries.sort(key=lambda e: e["macs"])
     manifest = {
         "format": "ptanet.onnx-manifest", "format_version": METADATA_VERSION, "source": src.origin,
-        "input": {"name": INPUT_NAME, "shape": ["N", 3, size, size]}, "outputs": list(OUTPUT_NAMES),
+        "input": {"name": INPUT_NAME, "shape": ["N", size, size, 3], "dtype": "uint8"},
+        "outputs": list(OUTPUT_NAMES), "threshold": threshold,
         "preprocess": src.preprocess, "labels": {str(k): v for k, v in src.labels.items()},
         "models": entries,
     }
     write_json_atomic(out_dir / MANIFEST_NAME, manifest, indent=2)
     return manifest
-

@@ -56,8 +56,8 @@ class _TorchBackend:
             raise ValueError(f"{self.path}: cannot use configuration {config!r}: the model {what}")
 
     @torch.inference_mode()
-    def scores(self, x: torch.Tensor) -> np.ndarray:
-        return self.scorer(x)[1].numpy()
+    def scores(self, crops: np.ndarray) -> np.ndarray:
+        return self.scorer(Preprocess.from_dict(self.preprocess).normalize(crops))[1].numpy()
 
 
 class _OnnxBackend:
@@ -70,9 +70,9 @@ class _OnnxBackend:
         self.preprocess, self.labels, self.config = meta["preprocess"], meta["labels"], meta["config"]
         shape = self.session.get_inputs()[0].shape
         size = Preprocess.from_dict(self.preprocess).size
-        if self.session.get_inputs()[0].name != INPUT_NAME or list(shape[1:]) != [3, size, size]:
+        if self.session.get_inputs()[0].name != INPUT_NAME or list(shape[1:]) != [size, size, 3]:
             raise ValueError(f"{path}: input {self.session.get_inputs()[0].name} {shape} does not match the "
-                             f"metadata (expected {INPUT_NAME} [N, 3, {size}, {size}])")
+                             f"metadata (expected {INPUT_NAME} [N, {size}, {size}, 3])")
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         if config is not None:
             self.set_config(config)
@@ -83,8 +83,8 @@ class _OnnxBackend:
             raise ValueError(f"{self.path}: this ONNX file holds {held} only; export configuration "
                              f"{config!r} to its own file to use it")
 
-    def scores(self, x: torch.Tensor) -> np.ndarray:
-        arr = x.numpy()
+    def scores(self, crops: np.ndarray) -> np.ndarray:
+        arr = crops  # uint8 RGB crops: the graph normalises them itself
         step = self.fixed_batch or len(arr)
         out = [self.session.run(["spoof_score"], {INPUT_NAME: arr[i:i + step]})[0] for i in range(0, len(arr), step)]
         return np.concatenate(out)
@@ -180,7 +180,7 @@ class Predictor:
     def _score(self, rows: list[dict], crops: list[np.ndarray]) -> None:
         if not crops:
             return
-        scores = self._backend.scores(self.preprocess.normalize(np.stack(crops)))
+        scores = self._backend.scores(np.stack(crops))
         for row, score in zip(rows, scores):
             row["score"] = float(score)
             row["label"] = self.labels[1] if score >= self.threshold else self.labels[0]

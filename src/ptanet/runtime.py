@@ -13,10 +13,13 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "spoof_score")
+INPUT_NAME = "image"  # uint8 (N, S, S, 3) RGB face crops, as Preprocess.crop returns them
+CONFIG_INPUT = "config"  # int64 scalar: index into the metadata's "configs" (switchable artifacts only)
+OUTPUT_NAMES = ("probabilities", "spoof_score")  # (N, 2) [live, spoof] and (N,) P(spoof)
 METADATA_FORMAT = "ptanet.onnx"
-METADATA_VERSION = 1
+# 2: uint8 NHWC input with the normalisation inside the graph, probabilities out. Version 1 files took
+# normalised float NCHW input; feeding them crops would silently give wrong scores, so they are refused.
+METADATA_VERSION = 2
 
 
 def ortsession(path: str | os.PathLike, threads: int = 1) -> ort.InferenceSession:
@@ -58,7 +61,8 @@ def read_metadata(source: str | os.PathLike | ort.InferenceSession, name: str | 
         meta = {k: json.loads(v) for k, v in props.items()}
     except json.JSONDecodeError as exc:
         raise ValueError(f"{where}: corrupt ptanet metadata ({exc})") from None
-    if meta.get("format_version", 0) > METADATA_VERSION:
-        raise ValueError(f"{where}: ONNX metadata version {meta['format_version']} is newer than this ptanet reads")
+    if meta.get("format_version", 0) != METADATA_VERSION:
+        raise ValueError(f"{where}: ptanet ONNX format version {meta.get('format_version')}, this ptanet reads "
+                         f"version {METADATA_VERSION} only; export the checkpoint again with this ptanet")
     meta["labels"] = {int(k): v for k, v in meta["labels"].items()}
     return meta
