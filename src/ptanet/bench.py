@@ -543,3 +543,196 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
         if tmp is not None:
             tmp.cleanup()
     return {"rows": rows, "environment": environment(threads)}
+
+
+# --- choosing a configuration --------------------------------------------------------------------------
+SELECT_COLUMNS = [
+    ("config", "Configuration", "str"),
+    ("mops", "Multiply-Adds (Mops)", "f2"),
+    ("latency_ms", "Latency (ms)", "f3"),
+    ("acer", "Validation ACER (%)", "pct"),
+    ("chosen", "Chosen", "str"),
+]
+
+
+def _quality(model_path, quality_json) -> dict[str, float]:
+    """Validation ACER per configuration: from ``ptanet evaluate --split val``'s table3.json (its own
+    BatchNorm statistics where rows have them, threshold 0.5), else what the model file recorded."""
+    import json
+    from pathlib import Path
+
+    if quality_json:
+        rows = json.loads(Path(quality_json).read_text())
+        if not isinstance(rows, list):
+            raise ValueError(f"{quality_json}: expected the row list of ptanet evaluate's table3.json")
+        best: dict[str, float] = {}
+        for bn in ("shared", "recalibrated"):  # recalibrated rows, where present, override shared ones
+            for r in rows:
+                if r.get("config") and r.get("threshold_rule") == "0.5" and r.get("bn") == bn:
+                    best[r["config"]] = r["acer"]
+        return best
+    path = Path(model_path)
+    if path.suffix.lower() == ".onnx":
+        from ptanet.runtime import read_metadata
+
+        return {c["config"]: c["val"]["acer"] for c in read_metadata(path).get("configs", [])
+                if c.get("config") and c.get("val")}
+    from ptanet.checkpoint import load_checkpoint
+
+    return {c: v["acer"] for c, v in (load_checkpoint(path).meta.get("val") or {}).items() if "acer" in v}
+
+
+def selection_rows(model_path, configs: list[str], bench_json=None, runtime: str = "onnxruntime",
+                   quality_json=None, runs: int = 100) -> list[dict]:
+    """One row per configuration: multiply-adds, batch-1 latency (a bench JSON's rows for
+    ``runtime``, or measured here) and validation ACER (None where not recorded)."""
+    import json
+    from pathlib import Path
+
+    quality = _quality(model_path, quality_json)
+    macs = {r["config"]: r["mops"] for r in complexity_table(configs, include_baseline=False)}
+    if bench_json:
+        try:
+            data = json.loads(Path(bench_json).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{bench_json}: not a readable bench JSON ({exc})") from None
+        rows = data if isinstance(data, list) else data.get("rows", [])
+        latency = {r["config"]: r["median_ms"] for r in rows
+                   if r.get("runtime") == runtime and r.get("config") and r["model"] == config_label(r["config"])}
+    else:
+        checkpoint = model_path if Path(model_path).suffix.lower() != ".onnx" else None
+        measured = benchmark(checkpoint, configs, [runtime], runs=runs, rounds=5, fold_bbb=False, batch_runs=1)
+        latency = {r["config"]: r["median_ms"] for r in measured["rows"] if r["config"]}
+    missing = [c for c in configs if c not in latency]
+    if missing:
+        raise ValueError(f"{bench_json or 'the measurement'}: no {runtime} latency for {', '.join(missing)}; "
+                         f"run ptanet bench --configs all --runtimes {runtime}")
+    return [{"config": c, "mops": macs[c], "latency_ms": latency[c], "acer": quality.get(c)} for c in configs]
+
+
+# --- the adaptive controller under changing load ------------------------------------------------------
+ADAPTIVE_COLUMNS = [
+    ("runner", "Runner", "str"),
+    ("budget_ms", "Budget (ms)", "f3"),
+    ("over_budget", "Frames over budget (%)", "pct"),
+    ("over_budget_loaded", "Over budget while loaded (%)", "pct"),
+    ("p90_ms", "p90 (ms)", "f3"),
+    ("p90_loaded_ms", "p90 while loaded (ms)", "f3"),
+    ("median_ms", "Median (ms)", "f3"),
+    ("switches", "Switches", "int"),
+]
+
+_BURN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+class CPUBurner:
+    """Busy-loop processes (one per core) that load the machine; each also stops by itself after
+    ``max_seconds``, so a crashed benchmark cannot leave them running."""
+
+    def __init__(self, processes: int | None = None, max_seconds: float = 120.0) -> None:
+        import os
+
+        self.n, self.max_seconds, self.procs = processes or os.cpu_count() or 1, max_seconds, []
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", _BURN.format(seconds=self.max_seconds)])
+                      for _ in range(self.n)]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=10)
+        self.procs = []
+
+
+def adaptive_benchmark(checkpoint, configs: list[str] | None = None, budget_ms: float | None = None,
+                       frames: int = 600, threads: int = 1, window: int = 15, plot=None, work_dir=None) -> dict:
+    """Frames through the switchable file, alternately by the adaptive controller and by fixed HHH,
+    while a CPU burner runs during the middle third. The controller's ladder is the configurations
+    no dearer than HHH (multiply-adds), cheapest first; the budget defaults to 1.3 x HHH's quiet
+    median. Rows: share of frames over budget and p90, overall and while loaded, per runner."""
+    import tempfile
+    from pathlib import Path
+
+    from ptanet.export import SWITCHABLE_NAME, export_switchable
+    from ptanet.runtime import AdaptiveController, DeployedModel
+
+    configs = [parse_config(c) for c in (configs or PAPER_CONFIGS)]
+    macs = {r["config"]: r["macs"] for r in complexity_table(sorted(set(configs) | {"HHH"}), include_baseline=False)}
+    ladder = sorted((c for c in set(configs) | {"HHH"} if macs[c] <= macs["HHH"]), key=lambda c: macs[c])
+    tmp = tempfile.TemporaryDirectory(prefix="ptanet-adaptive-") if work_dir is None else None
+    work = Path(work_dir or tmp.name)
+    burner = CPUBurner(processes=1)  # one background process, as a co-running app would be
+    try:
+        path = work / SWITCHABLE_NAME
+        export_switchable(checkpoint, path, ladder)
+        adaptive, fixed = DeployedModel(path, threads), DeployedModel(path, threads).set_config("HHH")
+        size = adaptive.size
+        x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        quiet = interleaved_timings({"HHH": lambda: fixed.run(x)}, 100, 1, 20)["HHH"]
+        budget = float(budget_ms or 1.3 * statistics.median(quiet))
+        controller = AdaptiveController(ladder, [macs[c] for c in ladder], budget, window=window, start="HHH")
+        timeline = {"adaptive": [], "fixed HHH": [], "config": [], "loaded": []}
+        load_from, load_to = frames // 3, 2 * frames // 3
+        for frame in range(frames):
+            if frame == load_from:
+                burner.start()
+            elif frame == load_to:
+                burner.stop()
+            adaptive.set_config(controller.config)
+            t0 = time.perf_counter()
+            adaptive.run(x)
+            t_adaptive = (time.perf_counter() - t0) * 1e3
+            timeline["config"].append(controller.config)
+            controller.observe(t_adaptive)
+            t0 = time.perf_counter()
+            fixed.run(x)
+            timeline["fixed HHH"].append((time.perf_counter() - t0) * 1e3)
+            timeline["adaptive"].append(t_adaptive)
+            timeline["loaded"].append(load_from <= frame < load_to)
+    finally:
+        burner.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    loaded = np.asarray(timeline["loaded"])
+    rows = []
+    for runner in ("adaptive", "fixed HHH"):
+        t = np.asarray(timeline[runner])
+        switches = sum(a != b for a, b in zip(timeline["config"], timeline["config"][1:])) if runner == "adaptive" else 0
+        rows.append({"runner": runner, "budget_ms": budget, "over_budget": float(np.mean(t > budget)),
+                     "over_budget_loaded": float(np.mean(t[loaded] > budget)), "p90_ms": _p90(list(t)),
+                     "p90_loaded_ms": _p90(list(t[loaded])), "median_ms": float(np.median(t)), "switches": switches})
+    if plot:
+        _plot_adaptive(timeline, ladder, budget, plot)
+    return {"rows": rows, "ladder": ladder, "budget_ms": budget, "frames": frames, "load_frames": [load_from, load_to],
+            "timeline": timeline, "environment": environment(threads)}
+
+
+def _plot_adaptive(timeline: dict, ladder: list[str], budget: float, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    frames = np.arange(len(timeline["adaptive"]))
+    ax.plot(frames, timeline["fixed HHH"], lw=0.6, label="fixed HHH", color="tab:red")
+    ax.plot(frames, timeline["adaptive"], lw=0.6, label="adaptive", color="tab:blue")
+    ax.axhline(budget, color="k", ls="--", lw=1, label=f"budget {budget:.2f} ms")
+    loaded = np.flatnonzero(timeline["loaded"])
+    if len(loaded):
+        ax.axvspan(loaded[0], loaded[-1], color="0.9", label="CPU burner running")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, loc="upper right")
+    ax2.step(frames, [ladder.index(c) for c in timeline["config"]], where="post")
+    ax2.set_yticks(range(len(ladder)), ladder)
+    ax2.set_xlabel("frame")
+    ax2.set_ylabel("configuration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

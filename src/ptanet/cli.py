@@ -332,7 +332,7 @@ def _add_bench(sub) -> None:
                    "sharing one weights file (size, resident memory, switch time, latency)")
     p.add_argument("--adaptive", action="store_true",
                    help="instead: the adaptive controller against fixed HHH while a CPU burner starts and stops")
-    p.add_argument("--budget-ms", type=float, help="--adaptive: latency budget (default 1.15 x HHH's quiet median)")
+    p.add_argument("--budget-ms", type=float, help="--adaptive: latency budget (default 1.3 x HHH's quiet median)")
     p.add_argument("--frames", type=int, default=600, help="--adaptive: frames per runner")
     p.add_argument("--out", help="write OUT.md/.json/.csv (and OUT.png plots)")
     _add_format(p)
@@ -344,6 +344,7 @@ def _cmd_bench(args) -> int:
     from pathlib import Path
 
     from ptanet import bench
+    from ptanet.atomic import write_json_atomic
     from ptanet.configs import parse_configs
 
     configs = parse_configs(args.configs)
@@ -361,8 +362,8 @@ def _cmd_bench(args) -> int:
             columns = bench.ADAPTIVE_COLUMNS
         _print_table(result["rows"], columns, args.format, args.out)
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2, default=str), file=sys.stderr)
-        if args.out:
-            Path(f"{args.out}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        if args.out:  # OUT.json holds the table's rows; the rest (timeline, environment) beside it
+            write_json_atomic(f"{args.out}.details.json", {k: v for k, v in result.items() if k != "rows"}, indent=2)
         return 0
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     unknown = sorted(set(runtimes) - {"torch", "onnxruntime", "int8"})
@@ -378,7 +379,7 @@ def _cmd_bench(args) -> int:
     print(_render(ratios, [("ratio", "Ratio", "str"), ("value", "Measured", "f3"), ("target", "Target", "str")]), file=sys.stderr)
     print(json.dumps(result["environment"]), file=sys.stderr)
     if args.out:
-        Path(f"{args.out}.json").write_text(json.dumps({**result, "ratios": ratios}, indent=2) + "\n")
+        write_json_atomic(f"{args.out}.details.json", {"environment": result["environment"], "ratios": ratios}, indent=2)
         bench.plot_latency_vs_macs(result["rows"], f"{args.out}.png")
     return 0
 
@@ -398,7 +399,7 @@ def _add_select(sub) -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-ms", type=float, help="latency budget in ms (batch 1)")
     budget.add_argument("--budget-rel", type=float, help="latency budget as a fraction of HHH's")
-    p.add_argument("--bench", help="bench JSON (ptanet bench --out X writes X.json); default: measure here")
+    p.add_argument("--bench", help="bench rows (ptanet bench --out X writes X.json); default: measure here")
     p.add_argument("--runtime", default="onnxruntime", help="which runtime's latencies to use (default onnxruntime)")
     p.add_argument("--quality", help="table3.json of ptanet evaluate --split val (recalibrated BN, threshold 0.5 rows)")
     p.add_argument("--configs", help="paper, or all (default: all 27)")
