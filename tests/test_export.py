@@ -213,3 +213,23 @@ def test_old_format_and_foreign_files_are_refused(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"t\.onnx: onnxruntime cannot load"):
         read_metadata(tmp_path / "t.onnx")
     assert proto.graph.input[0].name == "image"
+
+
+def test_int8_calibrated_on_real_crops_and_checked(trained_like, tmp_path):
+    from ptanet.export import export_int8
+
+    (result,) = export_int8(trained_like, tmp_path, ["LLL"])
+    assert result["config"] == "LLL" and "crops of the training cache" in result["parity_data"]
+    assert result["mean_abs_diff"] <= export.INT8_TOLERANCE and result["label_agreement"] >= export.INT8_AGREEMENT
+    int8 = tmp_path / "model_LLL.int8.onnx"
+    meta = read_metadata(int8)
+    assert meta["quantization"]["per_channel"] is True and meta["quantization"]["activation"] == "U8"
+    assert meta["int8_parity"]["mean_abs_diff"] == result["mean_abs_diff"]
+    ops = {n.op_type for n in onnx.load(int8).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    crops = generated_crops(4, 48)
+    fp32 = _ort_outputs(tmp_path / "model_LLL.onnx", crops)[0]
+    assert np.abs(_ort_outputs(int8, crops)[0] - fp32).max() < 0.2
+    with pytest.raises(RuntimeError, match=r"model_HHH\.int8\.onnx: INT8 and fp32 probabilities differ .* not written"):
+        export_int8(trained_like, tmp_path, ["HHH"], tolerance=0.0)
+    assert not (tmp_path / "model_HHH.int8.onnx").exists()

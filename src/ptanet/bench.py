@@ -736,3 +736,129 @@ def _plot_adaptive(timeline: dict, ladder: list[str], budget: float, path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- exported models on a checkpoint's test split -------------------------------------------------------
+INT8_COLUMNS = [
+    ("model", "Configuration", "str"),
+    ("acer_fp32", "Test ACER fp32 (%)", "pct"),
+    ("acer_int8", "Test ACER INT8 (%)", "pct"),
+    ("acer_change_points", "ACER change (points)", "f2"),
+    ("mean_abs_diff", "Mean |dP| vs fp32", "f3"),
+    ("max_abs_diff", "Max |dP| vs fp32", "f3"),
+    ("label_agreement", "Labels equal (%)", "pct"),
+    ("latency_ratio", "INT8 / fp32 latency", "f3"),
+]
+
+
+def evaluate_exported(model_path, checkpoint, split: str = "test", configs: list[str] | None = None,
+                      threshold: float = 0.5) -> list[dict]:
+    """Metrics (``ptanet.metrics.error_rates``) of an exported file, per configuration it holds, on
+    the ``split`` crop cache ("test" or "train") of the data ``checkpoint`` was trained on."""
+    from pathlib import Path
+
+    from ptanet.checkpoint import load_checkpoint
+    from ptanet.data import CropCache
+    from ptanet.metrics import error_rates
+    from ptanet.runtime import DeployedModel
+    from ptanet.train.settings import resolve_settings
+
+    from ptanet.checkpoint import Checkpoint
+
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    settings = ck.meta.get("settings")
+    if not settings:
+        raise ValueError(f"{checkpoint}: no training settings stored, so its {split} crops are unknown")
+    cache = CropCache(Path(resolve_settings(**settings).cache_dir) / split)
+    model = DeployedModel(model_path)
+    rows = []
+    for config in configs or model.config_names:
+        model.set_config(config)
+        scores = np.concatenate([model.spoof_scores(np.ascontiguousarray(cache.crops[i:i + 64]))
+                                 for i in range(0, len(cache.crops), 64)])
+        rows.append({"config": model.config, "model": config_label(model.config), "n": len(scores),
+                     **error_rates(scores, cache.labels, threshold)})
+    return rows
+
+
+def int8_report(checkpoint, folder, configs: list[str], runs: int = 200, rounds: int = 5) -> list[dict]:
+    """Per configuration: test ACER of ``model_<C>.onnx`` and ``model_<C>.int8.onnx`` in ``folder``
+    (ptanet export --int8), their parity on the INT8 file's metadata, and batch-1 latency ratio."""
+    import json
+    from pathlib import Path
+
+    import onnx
+
+    from ptanet.export import INT8_SUFFIX, onnx_filename
+    from ptanet.runtime import DeployedModel
+
+    folder = Path(folder)
+    rows, runners = [], {}
+    x = None
+    for c in configs:
+        fp32, int8 = folder / onnx_filename(c), folder / onnx_filename(c).replace(".onnx", INT8_SUFFIX)
+        a = evaluate_exported(fp32, checkpoint)[0]
+        b = evaluate_exported(int8, checkpoint)[0]
+        m32, m8 = DeployedModel(fp32), DeployedModel(int8)
+        if x is None:
+            x = np.random.default_rng(0).integers(0, 256, (1, m32.size, m32.size, 3), dtype=np.uint8)
+        runners[f"{c}|fp32"], runners[f"{c}|int8"] = (lambda m=m32: m.run(x)), (lambda m=m8: m.run(x))
+        props = {p.key: p.value for p in onnx.load(int8, load_external_data=False).metadata_props}
+        rows.append({"config": c, "model": config_label(c), "acer_fp32": a["acer"], "acer_int8": b["acer"],
+                     "acer_change_points": 100 * (b["acer"] - a["acer"]), "n_test": a["n"],
+                     **json.loads(props.get("int8_parity", "{}"))})
+    samples = interleaved_timings(runners, runs, rounds, 20)
+    for r in rows:
+        r["latency_ratio"] = statistics.median(samples[f"{r['config']}|int8"]) / statistics.median(samples[f"{r['config']}|fp32"])
+    return rows
+
+
+INT8_OPTION_COLUMNS = [
+    ("model", "Configuration", "str"),
+    ("options", "Quantization", "str"),
+    ("mean_abs_diff", "Mean |dP| vs fp32", "f3"),
+    ("max_abs_diff", "Max |dP| vs fp32", "f3"),
+    ("label_agreement", "Labels equal (%)", "pct"),
+    ("latency_ratio", "INT8 / fp32 latency", "f3"),
+]
+INT8_VARIANTS = [
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False},
+    {"per_channel": False, "activation": "U8", "weight": "S8", "reduce_range": False},
+    {"per_channel": True, "activation": "S8", "weight": "S8", "reduce_range": False},
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": True},
+]
+
+
+def int8_options(checkpoint, configs: list[str], runs: int = 200, rounds: int = 5) -> list[dict]:
+    """Each quantization variant of :data:`INT8_VARIANTS` per configuration: parity against fp32 on
+    real crops the calibration did not see, and batch-1 latency against fp32 (interleaved)."""
+    import tempfile
+    from pathlib import Path
+
+    from ptanet.export import _source, _static_module, _export_static, int8_crops, quantize_int8
+    from ptanet.runtime import DeployedModel
+
+    src = _source(checkpoint, None)
+    calibration, check, where = int8_crops(src)
+    rows, runners = [], {}
+    with tempfile.TemporaryDirectory(prefix="ptanet-int8opt-") as tmp:
+        for c in configs:
+            module, c = _static_module(src.model, c)
+            fp32 = Path(tmp) / f"{c}.onnx"
+            _export_static(module, c, src, fp32, 17, True, crops=(check, where))
+            m32 = DeployedModel(fp32)
+            x = check[:1]
+            runners[f"{c}|fp32"] = lambda m=m32: m.run(x)
+            for k, v in enumerate(INT8_VARIANTS):
+                r = quantize_int8(fp32, Path(tmp) / f"{c}.{k}.onnx", calibration, check, tolerance=1.0, **v)
+                m8 = DeployedModel(r["path"])
+                runners[f"{c}|{k}"] = lambda m=m8: m.run(x)
+                name = (f"{'per-channel' if v['per_channel'] else 'per-tensor'}, {v['activation']}{v['weight']}"
+                        f"{', reduce_range' if v['reduce_range'] else ''}")
+                rows.append({"config": c, "model": config_label(c), "variant": k, "options": name,
+                             **{key: r[key] for key in ("mean_abs_diff", "max_abs_diff", "label_agreement")}})
+        samples = interleaved_timings(runners, runs, rounds, 20)
+    for r in rows:
+        r["latency_ratio"] = (statistics.median(samples[f"{r['config']}|{r['variant']}"])
+                              / statistics.median(samples[f"{r['config']}|fp32"]))
+    return rows

@@ -62,8 +62,8 @@ def _add_complexity(sub) -> None:
     p.add_argument("--latency", action="store_true",
                    help="also measure CPU latency with ptanet bench's timer (PyTorch eager, batch 1, 1 thread)")
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch", help="runtime timed by --latency")
-    p.add_argument("--runs", type=int, default=300, help="timed batch-1 runs per model for --latency")
-    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds over all models for --latency")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per model and round for --latency")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models for --latency")
     p.add_argument("--out", help="also write OUT.md, OUT.json and OUT.csv")
     _add_format(p)
     p.set_defaults(func=_cmd_complexity)
@@ -77,7 +77,7 @@ def _cmd_complexity(args) -> int:
     rows = complexity_table(configs, size=args.size)
     columns = list(COMPLEXITY_COLUMNS)
     if args.latency:  # one way to time a model: ptanet bench's
-        measured = benchmark(None, configs, runtimes=[args.runtime], runs=args.runs, rounds=args.rounds,
+        measured = benchmark(None, configs, runtimes=[args.runtime], runs=args.runs * args.rounds, rounds=args.rounds,
                              size=args.size, fold_bbb=False, batch_runs=1)
         latency = {r["model"]: r for r in measured["rows"]}
         for row in rows:
@@ -275,6 +275,15 @@ def _cmd_export(args) -> int:
     if args.int8:
         result = export_int8(ck, args.out, configs=args.configs, per_channel=not args.int8_per_tensor,
                              activation=args.int8_activation, reduce_range=args.int8_reduce_range)
+        if ck.meta.get("settings"):  # the test split it was trained with: ACER change and speed
+            from ptanet.bench import INT8_COLUMNS, int8_report
+
+            try:
+                rows = int8_report(ck, args.out, [r["config"] for r in result if r["config"]])
+            except (OSError, ValueError) as exc:
+                print(f"ptanet export: no test ACER ({exc})", file=sys.stderr)
+            else:
+                _print_table(rows, INT8_COLUMNS, "markdown", str(Path(args.out) / "int8"))
     elif args.per_config:
         result = export_all(ck, args.out, configs=args.configs, opset=args.opset, dynamic_batch=not args.static_batch,
                             threshold=args.threshold)
@@ -330,6 +339,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--artifact", action="store_true",
                    help="instead: compare the switchable file with the six static files and with six graphs "
                    "sharing one weights file (size, resident memory, switch time, latency)")
+    p.add_argument("--int8-options", action="store_true",
+                   help="instead: INT8 variants (per-channel/per-tensor, U8S8/S8S8, reduce_range) per configuration: "
+                   "parity with fp32 on real crops and latency")
     p.add_argument("--adaptive", action="store_true",
                    help="instead: the adaptive controller against fixed HHH while a CPU burner starts and stops")
     p.add_argument("--budget-ms", type=float, help="--adaptive: latency budget (default 1.3 x HHH's quiet median)")
@@ -350,10 +362,13 @@ def _cmd_bench(args) -> int:
     configs = parse_configs(args.configs)
     if args.threads < 1 or args.runs < 1 or args.rounds < 1:
         raise ValueError("--threads, --runs and --rounds must be at least 1")
-    if args.artifact or args.adaptive:
+    if args.artifact or args.adaptive or args.int8_options:
         if not args.checkpoint:
-            raise ValueError("--artifact and --adaptive need a PTA checkpoint")
-        if args.artifact:
+            raise ValueError("--artifact, --adaptive and --int8-options need a PTA checkpoint")
+        if args.int8_options:
+            result = {"rows": bench.int8_options(args.checkpoint, configs)}
+            columns = bench.INT8_OPTION_COLUMNS
+        elif args.artifact:
             result = bench.compare_artifacts(args.checkpoint, configs, threads=args.threads)
             columns = bench.ARTIFACT_COLUMNS
         else:

@@ -656,7 +656,17 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                                f"average on {len(check)} crops (tolerance {tolerance:.3g}), labels agree on "
                                f"{100 * result['label_agreement']:.1f} % (need {100 * INT8_AGREEMENT:.0f} %); not written")
 
-    atomic_write(out_path, lambda f: f.write(proto.SerializeToString()), binary=True, check=verify)
+    def write(f) -> None:  # the parity measured on the bytes written, recorded in them for reports
+        onnx.helper.set_model_props(proto, {**props, "int8_parity": json.dumps(result)})
+        f.write(proto.SerializeToString())
+
+    # Two passes: verify needs the graph on disk before the parity it measures can be recorded.
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="ptanet-int8-") as tmp:
+        first = Path(tmp) / "q.onnx"
+        first.write_bytes(proto.SerializeToString())
+        verify(first)
+    atomic_write(out_path, write, binary=True)
     return {"path": str(out_path), **result, "size_bytes": out_path.stat().st_size, "options": options}
 
 

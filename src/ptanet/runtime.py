@@ -2,7 +2,11 @@
 
 ``ortsession`` opens an exported file with the session options ptanet always wants, and
 ``read_metadata`` reads the ptanet metadata every export carries (preprocessing, label map,
-configuration), so a deployment needs the ``.onnx`` file, onnxruntime and numpy, nothing else.
+configurations), so a deployment needs the ``.onnx`` file, onnxruntime and numpy, nothing else.
+``DeployedModel`` runs a static or switchable file on uint8 face crops and switches configuration;
+``pareto_front`` / ``select_config`` choose a configuration for a latency budget from measured rows,
+and ``AdaptiveController`` keeps a budget under changing load. All three are pure functions of the
+numbers they are given (no timing inside), so they are tested on given latency traces.
 """
 
 from __future__ import annotations
