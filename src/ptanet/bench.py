@@ -126,6 +126,8 @@ BENCH_COLUMNS = [
     ("median_ms", "Median (ms)", "f3"),
     ("p90_ms", "p90 (ms)", "f3"),
     ("relative", "Relative to No PTA", "f3"),
+    ("p10_ms", "p10 (ms)", "f3"),
+    ("relative_p10", "Relative to No PTA, p10", "f3"),
     ("throughput", "Batch-32 images/s", "f2"),
 ]
 
@@ -308,12 +310,16 @@ def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: I
         cfg, macs = meta[(label, rt)]
         rows.append({"model": label, "config": cfg, "runtime": rt, "macs": macs, "mops": macs / 1e6,
                      "median_ms": statistics.median(s), "p90_ms": _p90(s), "runs": len(s),
+                     # The fastest tenth: on a machine shared with other jobs, runs that were not
+                     # preempted; the median there mixes in how often a run of that length is.
+                     "p10_ms": float(np.percentile(s, 10)),
                      "throughput": 32e3 / statistics.median(batch[f"{label}|{rt}"])})
     for rt in {r["runtime"] for r in rows}:
-        base = next((r["median_ms"] for r in rows if r["runtime"] == rt and r["model"] == "No PTA"), None)
+        base = next((r for r in rows if r["runtime"] == rt and r["model"] == "No PTA"), None)
         for r in rows:
             if r["runtime"] == rt and base:
-                r["relative"] = r["median_ms"] / base
+                r["relative"] = r["median_ms"] / base["median_ms"]
+                r["relative_p10"] = r["p10_ms"] / base["p10_ms"]
     order = {"torch": 0, "onnxruntime": 1, "int8": 2}
     rows.sort(key=lambda r: (order.get(r["runtime"], 9), keys.index((r["model"], r["runtime"]))))
     return {"rows": rows, "environment": environment(threads)}
@@ -321,24 +327,32 @@ def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: I
 
 def speed_ratios(rows: list[dict]) -> list[dict]:
     """The issue's targets as ratios inside one run: ONNX Runtime vs eager, LLL/HHH/BBB vs No PTA."""
-    def med(model, rt):
-        return next((r["median_ms"] for r in rows if r["model"] == model and r["runtime"] == rt), None)
+    def med(model, rt, key="median_ms"):
+        return next((r[key] for r in rows if r["model"] == model and r["runtime"] == rt), None)
 
+    out = []
+    for key, what in (("median_ms", "median"), ("p10_ms", "p10")):
+        out += _ratios(lambda m, rt: med(m, rt, key), rows, what)
+    return out
+
+
+def _ratios(med, rows: list[dict], what: str) -> list[dict]:
     out = []
     eager, ort_ = med("No PTA", "torch"), med("No PTA", "onnxruntime")
     if eager and ort_:
-        out.append({"ratio": "eager / ONNX Runtime, No PTA batch 1", "value": eager / ort_, "target": ">= 3"})
+        out.append({"ratio": f"eager / ONNX Runtime, No PTA batch 1 ({what})", "value": eager / ort_, "target": ">= 3"})
     for cfg, target in (("LLL", "<= 0.85"), ("HHH", "<= 1.02"), ("BBB", "<= 1.15"), ("BBB (folded)", "<= 1.15")):
         for rt in ("onnxruntime", "int8", "torch"):
             a, b = med(f"PTA-{cfg}", rt), med("No PTA", rt)
             if a and b:
-                out.append({"ratio": f"{cfg} / No PTA, {rt}", "value": a / b, "target": target})
+                out.append({"ratio": f"{cfg} / No PTA, {rt} ({what})", "value": a / b, "target": target})
     for rt in ("int8",):
         for r in rows:
             if r["runtime"] == rt and r.get("config"):
                 fp = med(r["model"], "onnxruntime")
                 if fp:
-                    out.append({"ratio": f"{r['config']} INT8 / fp32", "value": r["median_ms"] / fp, "target": "<= 0.7"})
+                    out.append({"ratio": f"{r['config']} INT8 / fp32 ({what})", "value": med(r["model"], rt) / fp,
+                                "target": "<= 0.7"})
     return out
 
 
