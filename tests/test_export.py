@@ -1,5 +1,6 @@
-"""ONNX export: the exported graph is the evaluated module (BN statistics included), it carries its
-own preprocessing/labels/configuration, and a failed export never leaves a file behind."""
+"""ONNX export: the exported graph is the evaluated module (BN statistics included) behind the
+preprocessing, it carries its own preprocessing/labels/configuration, and a failed export never
+leaves a file behind."""
 
 import json
 
@@ -11,7 +12,7 @@ from torch import nn
 
 import ptanet.export as export
 from ptanet.checkpoint import load_checkpoint, save_checkpoint
-from ptanet.export import export_all, export_onnx
+from ptanet.export import SpoofScorer, export_all, export_onnx, generated_crops
 from ptanet.preprocess import Preprocess
 from ptanet.runtime import ortsession, read_metadata
 from ptanet.models import mobilenet_v2, pta_mobilenet_v2
@@ -52,8 +53,15 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(path, _calibrated_pta(), PREPROCESS)
 
 
-def _ort_outputs(path, x):
-    return ortsession(path).run(["logits", "spoof_score"], {"image": x.numpy()})
+def _ort_outputs(path, crops):
+    return ortsession(path).run(["probabilities", "spoof_score"], {"image": crops})
+
+
+def _torch_probabilities(model, crops, preprocess=PREPROCESS):
+    """What evaluation computes: Preprocess.normalize, then the model, then softmax."""
+    with torch.no_grad():
+        logits = model(Preprocess.from_dict(preprocess).normalize(crops))
+    return torch.softmax(logits, 1).numpy()
 
 
 def test_export_all_matches_the_switching_model_per_config(checkpoint, tmp_path):
@@ -65,24 +73,30 @@ def test_export_all_matches_the_switching_model_per_config(checkpoint, tmp_path)
     assert set(entries) == {"BHH", "LHH"}
     assert [e["macs"] for e in manifest["models"]] == sorted(e["macs"] for e in manifest["models"])
     assert entries["LHH"]["mops"] < entries["BHH"]["mops"] and entries["LHH"]["params"] > 0
-    assert manifest["preprocess"] == PREPROCESS and manifest["input"]["shape"] == ["N", 3, 96, 96]
+    assert manifest["preprocess"] == PREPROCESS and manifest["input"]["shape"] == ["N", 96, 96, 3]
+    assert manifest["input"]["dtype"] == "uint8"
 
     model = load_checkpoint(checkpoint).model
-    x = torch.randn(5, 3, 96, 96)  # another batch size than the export's: the batch axis is dynamic
+    crops = generated_crops(5, 96, seed=3)  # another batch size than the export's: the batch axis is dynamic
     for cfg, entry in entries.items():
         assert entry["max_abs_diff"] < 1e-4 and entry["opset"] == 17
-        # Compare with the switching model, as evaluation runs it: LHH has its own BN statistics,
-        # so a graph exported with the shared ones would differ by far more than the tolerance.
-        with torch.no_grad(), model.using(cfg):
-            logits = model(x)
-        got_logits, got_score = _ort_outputs(tmp_path / entry["file"], x)
-        np.testing.assert_allclose(got_logits, logits.numpy(), rtol=0, atol=1e-4)
-        np.testing.assert_allclose(got_score, torch.softmax(logits, 1)[:, 1].numpy(), rtol=0, atol=1e-5)
-    with torch.no_grad(), model.using("LHH"):
-        with_own = model(x)
+        # A checkpoint without training settings is checked on generated crops, and says so.
+        assert "generated crops" in entry["parity_data"]
+        # Compare with the switching model behind Preprocess.normalize (BGR here), as evaluation runs
+        # it: LHH has its own BN statistics, so a graph exported with the shared ones would differ.
+        with model.using(cfg):
+            expected = _torch_probabilities(model, crops)
+        got_prob, got_score = _ort_outputs(tmp_path / entry["file"], crops)
+        np.testing.assert_allclose(got_prob, expected, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got_score, expected[:, 1], rtol=0, atol=1e-5)
+    with model.using("LHH"):
+        with_own = _torch_probabilities(model, crops)
+        rgb_instead = _torch_probabilities(model, crops, {**PREPROCESS, "color": "RGB"})
     model.clear_bn_stats()
-    with torch.no_grad(), model.using("LHH"):
-        assert (model(x) - with_own).abs().max() > 1e-2  # the check above could tell them apart
+    with model.using("LHH"):
+        # The check above could tell apart the shared statistics and the wrong channel order.
+        assert np.abs(_torch_probabilities(model, crops) - with_own).max() > 1e-3
+    assert np.abs(rgb_instead - with_own).max() > 1e-3
 
 
 def test_metadata_travels_in_the_file(checkpoint, tmp_path):
@@ -96,8 +110,12 @@ def test_metadata_travels_in_the_file(checkpoint, tmp_path):
     proto = onnx.load(tmp_path / "m.onnx")
     props = {p.key: json.loads(p.value) for p in proto.metadata_props}
     assert props["config"] == "BHL" and props["preprocess"] == PREPROCESS
+    assert props["threshold"] == 0.5 and props["box_scale"] == 1.0
+    assert props["input"]["shape"] == ["N", 96, 96, 3] and props["input"]["dtype"] == "uint8"
+    assert [c["config"] for c in props["configs"]] == ["BHL"] and props["configs"][0]["macs"] > 0
     assert [i.name for i in proto.graph.input] == ["image"]
-    assert [o.name for o in proto.graph.output] == ["logits", "spoof_score"]
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.name for o in proto.graph.output] == ["probabilities", "spoof_score"]
     assert {o.domain: o.version for o in proto.opset_import}.get("", None) == 17
 
 
@@ -109,10 +127,10 @@ def test_baseline_fixed_batch_and_other_opset(tmp_path):
     meta = read_metadata(tmp_path / "base.onnx")
     assert meta["config"] is None and meta["preprocess"] == Preprocess().to_dict()  # a bare model: defaults
     session = ortsession(tmp_path / "base.onnx")
-    assert session.get_inputs()[0].shape == [1, 3, 128, 128]
-    x = torch.randn(1, 3, 128, 128)
-    with torch.no_grad():
-        np.testing.assert_allclose(session.run(["logits"], {"image": x.numpy()})[0], model(x).numpy(), rtol=0, atol=1e-4)
+    assert session.get_inputs()[0].shape == [1, 128, 128, 3]
+    crops = generated_crops(1, 128)
+    np.testing.assert_allclose(session.run(["probabilities"], {"image": crops})[0],
+                               _torch_probabilities(model, crops, Preprocess().to_dict()), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="No PTA baseline"):
         export_onnx(model, tmp_path / "x.onnx", config="HHH")
     with pytest.raises(ValueError, match="no PTA blocks"):
@@ -146,3 +164,73 @@ def test_ortsession_errors_name_the_file(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="junk.onnx: onnxruntime cannot load"):
         ortsession(tmp_path / "junk.onnx")
+
+
+@pytest.fixture(scope="module")
+def trained_like(tiny_synth, tmp_path_factory):
+    """A checkpoint whose settings point at a prepared crop cache of face images, as training leaves."""
+    from ptanet.data import build_datasets
+    from ptanet.train.settings import resolve_settings
+
+    root = tmp_path_factory.mktemp("trained")
+    settings = resolve_settings(data=str(tiny_synth), out=str(root / "run"), cache=str(root / "cache"), size=48,
+                                prepare_workers=0)
+    build_datasets(settings.data, settings.cache_dir, settings.preprocess, workers=0, progress=False)
+    return save_checkpoint(root / "run" / "best.pt", _calibrated_pta(2), settings.preprocess.to_dict(),
+                           meta={"settings": settings.to_dict(), "val": {"HHH": {"acer": 0.1}}})
+
+
+def test_parity_on_real_training_crops(trained_like, tmp_path):
+    """A trained checkpoint's export is checked on crops of its own training cache, the crops the
+    graph will see in use; and those equal what evaluation feeds the model."""
+    from ptanet.data import CropCache
+
+    result = export_onnx(trained_like, tmp_path / "m.onnx", config="LLL")
+    cache = CropCache(trained_like.parent.parent / "cache" / "train")
+    assert f"crops of the training cache {cache.cache_dir}" in result["parity_data"]
+    assert result["max_abs_diff"] < 1e-4
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["configs"][0]["val"] is None  # validation recorded for HHH only
+    got = _ort_outputs(tmp_path / "m.onnx", np.ascontiguousarray(cache.crops[:8]))[0]
+    with load_checkpoint(trained_like).model.using("LLL") as model:
+        expected = _torch_probabilities(model, np.ascontiguousarray(cache.crops[:8]), meta["preprocess"])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert export_onnx(trained_like, tmp_path / "h.onnx", config="HHH")["val"] == {"acer": 0.1}
+
+
+def test_old_format_and_foreign_files_are_refused(checkpoint, tmp_path):
+    export_onnx(checkpoint, tmp_path / "m.onnx", config="HHH")
+    proto = onnx.load(tmp_path / "m.onnx")
+    for key, value, message in (("format_version", "1", "format version 1, this ptanet reads version 2"),
+                                ("format", '"something.else"', "not a ptanet ONNX export")):
+        changed = onnx.load(tmp_path / "m.onnx")
+        for p in changed.metadata_props:
+            if p.key == key:
+                p.value = value
+        onnx.save(changed, tmp_path / "x.onnx")
+        with pytest.raises(ValueError, match=rf"x\.onnx: .*{message}"):
+            read_metadata(tmp_path / "x.onnx")
+    (tmp_path / "t.onnx").write_bytes((tmp_path / "m.onnx").read_bytes()[:50_000])  # truncated
+    with pytest.raises(ValueError, match=r"t\.onnx: onnxruntime cannot load"):
+        read_metadata(tmp_path / "t.onnx")
+    assert proto.graph.input[0].name == "image"
+
+
+def test_int8_calibrated_on_real_crops_and_checked(trained_like, tmp_path):
+    from ptanet.export import export_int8
+
+    (result,) = export_int8(trained_like, tmp_path, ["LLL"])
+    assert result["config"] == "LLL" and "crops of the training cache" in result["parity_data"]
+    assert result["mean_abs_diff"] <= export.INT8_TOLERANCE and result["label_agreement"] >= export.INT8_AGREEMENT
+    int8 = tmp_path / "model_LLL.int8.onnx"
+    meta = read_metadata(int8)
+    assert meta["quantization"]["per_channel"] is True and meta["quantization"]["activation"] == "U8"
+    assert meta["int8_parity"]["mean_abs_diff"] == result["mean_abs_diff"]
+    ops = {n.op_type for n in onnx.load(int8).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    crops = generated_crops(4, 48)
+    fp32 = _ort_outputs(tmp_path / "model_LLL.onnx", crops)[0]
+    assert np.abs(_ort_outputs(int8, crops)[0] - fp32).max() < 0.2
+    with pytest.raises(RuntimeError, match=r"model_HHH\.int8\.onnx: INT8 and fp32 probabilities differ .* not written"):
+        export_int8(trained_like, tmp_path, ["HHH"], tolerance=0.0)
+    assert not (tmp_path / "model_HHH.int8.onnx").exists()

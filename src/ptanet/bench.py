@@ -12,11 +12,12 @@ import statistics
 import time
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 from ptanet.configs import PAPER_CONFIGS, config_label, parse_config
-from ptanet.models import create_model
+from ptanet.models import create_model, is_pta
 
 COMPLEXITY_COLUMNS = [
     ("model", "Configuration", "str"),
@@ -115,3 +116,763 @@ def latency_table(configs: Iterable[str] | None = None, size: int = 128, runs: i
         }
         for label, v in samples.items()
     ]
+
+
+# --- deployed-model benchmark (paper Table 4 per runtime) -----------------------------------------
+BENCH_COLUMNS = [
+    ("model", "Configuration", "str"),
+    ("runtime", "Runtime", "str"),
+    ("mops", "Multiply-Adds (Mops)", "f2"),
+    ("median_ms", "Median (ms)", "f3"),
+    ("p90_ms", "p90 (ms)", "f3"),
+    ("relative", "Relative to No PTA", "f3"),
+    ("p10_ms", "p10 (ms)", "f3"),
+    ("relative_p10", "Relative to No PTA, p10", "f3"),
+    ("throughput", "Batch-32 images/s", "f2"),
+]
+
+
+def environment(threads: int) -> dict:
+    """CPU model, threads and library versions, recorded with every benchmark."""
+    import platform
+
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": str(torch.__version__),
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def interleaved_timings(runners: dict[str, "callable"], runs: int = 300, rounds: int = 10, warmup: int = 20,
+                        progress: bool = False) -> dict[str, list[float]]:
+    """Wall times (ms) of ``runs`` calls of each runner, in ``rounds`` rounds that visit every runner
+    in turn, so that drift of the machine (other processes, frequency) hits all of them alike."""
+    per_round = max(1, -(-runs // rounds))
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rounds * len(runners), desc="timing", unit="model")
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                run()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return samples
+
+
+def _p90(values: list[float]) -> float:
+    return float(np.percentile(values, 90))
+
+
+def _bench_models(checkpoint, configs: list[str], size: int):
+    """(label, config, static torch module, preprocess, source for export) for No PTA and each configuration.
+
+    Latency does not depend on the weights' values, so without a checkpoint (or for the No PTA row
+    of a PTA checkpoint) a freshly initialised model of the same architecture is timed."""
+    from ptanet.checkpoint import load_checkpoint
+    from ptanet.preprocess import Preprocess
+
+    if checkpoint is not None:
+        ck = load_checkpoint(checkpoint)
+        pta, preprocess = ck.model, ck.preprocess
+        if not is_pta(pta):
+            raise ValueError(f"{checkpoint}: ptanet bench needs a PTA checkpoint (its No PTA row is timed on a "
+                             "fresh MobileNetV2)")
+    else:
+        pta, preprocess = create_model("pta_mobilenet_v2"), Preprocess(size=size).to_dict()
+        ck = None
+    yield "No PTA", None, create_model("mobilenet_v2").eval(), preprocess, None
+    for cfg in configs:
+        yield config_label(cfg), cfg, pta.to_static(cfg).eval(), preprocess, ck
+
+
+def fold_both_average(module: nn.Module) -> nn.Module:
+    """A copy of a static model whose ``BothBranches`` blocks have the 0.5 of the average folded
+    into each branch's last projection BatchNorm (and the residual of the light branch and the
+    second heavy block scaled alike), so ``B`` needs one Add instead of Add + Mul. Same outputs."""
+    import copy
+
+    from ptanet.blocks import BothBranches, InvertedResidual
+
+    class _FoldedBoth(nn.Module):
+        def __init__(self, both: BothBranches) -> None:
+            super().__init__()
+            self.light = copy.deepcopy(both.light)
+            self.heavy = copy.deepcopy(both.heavy)
+            for ir in (self.light, self.heavy[-1]):
+                bn = ir.conv[-1]
+                with torch.no_grad():
+                    bn.weight.mul_(0.5)
+                    bn.bias.mul_(0.5)
+
+        def forward(self, x):
+            y = self.heavy[0](x)
+            # 0.5 (x + cL(x)) + 0.5 (y + cH(y)) = cL'(x) + cH'(y) + 0.5 (x + y), cL', cH' halved
+            return self.light.conv(x) + self.heavy[1].conv(y) + (x + y) * 0.5
+
+    out = copy.deepcopy(module)
+    for i, m in enumerate(out.features):
+        if isinstance(m, BothBranches) and isinstance(m.light, InvertedResidual) and m.light.use_res_connect:
+            out.features[i] = _FoldedBoth(m)
+    return out
+
+
+def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: Iterable[str] = ("torch", "onnxruntime"),
+              threads: int = 1, runs: int = 300, rounds: int = 10, warmup: int = 20, batch_runs: int = 10,
+              size: int = 128, work_dir=None, int8_dir=None, fold_bbb: bool = True, progress: bool = True) -> dict:
+    """Batch-1 latency (median, p90 over ``runs`` timed calls after ``warmup``, interleaved over
+    ``rounds``) and batch-32 throughput of No PTA and each configuration, per runtime: ``torch``
+    (eager, the exported :class:`ptanet.export.Deployable` module), ``onnxruntime`` (its fp32 file),
+    ``int8`` (the files of ``int8_dir``, from ``ptanet export --int8``). Relative latency is against
+    No PTA in the same runtime and run. With ``fold_bbb``, BBB is also timed with the average folded
+    into its branches (row "PTA-BBB (folded)"). Returns ``{rows, environment}``."""
+    import tempfile
+    from pathlib import Path
+
+    from ptanet.export import Deployable, _export_static, _source
+    from ptanet.preprocess import Preprocess
+    from ptanet.runtime import DeployedModel
+
+    runtimes = list(runtimes)
+    configs = [parse_config(c) for c in (configs if configs is not None else PAPER_CONFIGS)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    tmp = tempfile.TemporaryDirectory(prefix="ptanet-bench-") if work_dir is None else None
+    work = Path(work_dir or tmp.name)
+    try:
+        models = list(_bench_models(checkpoint, configs, size))
+        if fold_bbb and "BBB" in configs:
+            _, _, bbb, prep, ck = next(m for m in models if m[1] == "BBB")
+            models.append(("PTA-BBB (folded)", "BBB", fold_both_average(bbb).eval(), prep, ck))
+        preprocess = Preprocess.from_dict(models[0][3])
+        x1 = np.random.default_rng(0).integers(0, 256, (1, preprocess.size, preprocess.size, 3), dtype=np.uint8)
+        x32 = np.random.default_rng(1).integers(0, 256, (32, preprocess.size, preprocess.size, 3), dtype=np.uint8)
+        runners, batch_runners, meta = {}, {}, {}
+        for label, cfg, module, prep, ck in models:
+            macs = count_macs(module, preprocess.size)
+            if "torch" in runtimes:
+                wrapped = Deployable(module, Preprocess.from_dict(prep)).eval()
+                t1, t32 = torch.from_numpy(x1), torch.from_numpy(x32)
+
+                def eager(m=wrapped, t=t1):
+                    with torch.inference_mode():
+                        m(t)
+
+                runners[(label, "torch")] = eager
+                batch_runners[(label, "torch")] = lambda m=wrapped, t=t32: eager(m, t)
+                meta[(label, "torch")] = (cfg, macs)
+            if "onnxruntime" in runtimes:
+                path = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}.onnx"
+                if not path.exists():
+                    _export_static(module, cfg, _source(ck or module, prep), path, 17, True)
+                runtime = DeployedModel(path, threads)
+                runners[(label, "onnxruntime")] = lambda r=runtime: r.run(x1)
+                batch_runners[(label, "onnxruntime")] = lambda r=runtime: r.run(x32)
+                meta[(label, "onnxruntime")] = (cfg, macs)
+            if "int8" in runtimes and int8_dir is not None and label != "PTA-BBB (folded)":
+                from ptanet.export import onnx_filename
+
+                path = Path(int8_dir) / onnx_filename(cfg).replace(".onnx", ".int8.onnx")
+                if path.exists():
+                    runtime = DeployedModel(path, threads)
+                    runners[(label, "int8")] = lambda r=runtime: r.run(x1)
+                    batch_runners[(label, "int8")] = lambda r=runtime: r.run(x32)
+                    meta[(label, "int8")] = (cfg, macs)
+        keys = list(runners)
+        named = {f"{k[0]}|{k[1]}": runners[k] for k in keys}
+        samples = interleaved_timings(named, runs, rounds, warmup, progress)
+        batch = interleaved_timings({f"{k[0]}|{k[1]}": batch_runners[k] for k in keys}, batch_runs,
+                                    min(rounds, batch_runs), 2, progress)
+    finally:
+        torch.set_num_threads(previous)
+        if tmp is not None:
+            tmp.cleanup()
+    rows = []
+    for (label, rt) in keys:
+        s = samples[f"{label}|{rt}"]
+        cfg, macs = meta[(label, rt)]
+        rows.append({"model": label, "config": cfg, "runtime": rt, "macs": macs, "mops": macs / 1e6,
+                     "median_ms": statistics.median(s), "p90_ms": _p90(s), "runs": len(s),
+                     # The fastest tenth: on a machine shared with other jobs, runs that were not
+                     # preempted; the median there mixes in how often a run of that length is.
+                     "p10_ms": float(np.percentile(s, 10)),
+                     "throughput": 32e3 / statistics.median(batch[f"{label}|{rt}"])})
+    for rt in {r["runtime"] for r in rows}:
+        base = next((r for r in rows if r["runtime"] == rt and r["model"] == "No PTA"), None)
+        for r in rows:
+            if r["runtime"] == rt and base:
+                r["relative"] = r["median_ms"] / base["median_ms"]
+                r["relative_p10"] = r["p10_ms"] / base["p10_ms"]
+    order = {"torch": 0, "onnxruntime": 1, "int8": 2}
+    rows.sort(key=lambda r: (order.get(r["runtime"], 9), keys.index((r["model"], r["runtime"]))))
+    return {"rows": rows, "environment": environment(threads)}
+
+
+def speed_ratios(rows: list[dict]) -> list[dict]:
+    """The issue's targets as ratios inside one run: ONNX Runtime vs eager, LLL/HHH/BBB vs No PTA."""
+    def med(model, rt, key="median_ms"):
+        return next((r[key] for r in rows if r["model"] == model and r["runtime"] == rt), None)
+
+    out = []
+    for key, what in (("median_ms", "median"), ("p10_ms", "p10")):
+        out += _ratios(lambda m, rt: med(m, rt, key), rows, what)
+    return out
+
+
+def _ratios(med, rows: list[dict], what: str) -> list[dict]:
+    out = []
+    eager, ort_ = med("No PTA", "torch"), med("No PTA", "onnxruntime")
+    if eager and ort_:
+        out.append({"ratio": f"eager / ONNX Runtime, No PTA batch 1 ({what})", "value": eager / ort_, "target": ">= 3"})
+    for cfg, target in (("LLL", "<= 0.85"), ("HHH", "<= 1.02"), ("BBB", "<= 1.15"), ("BBB (folded)", "<= 1.15")):
+        for rt in ("onnxruntime", "int8", "torch"):
+            a, b = med(f"PTA-{cfg}", rt), med("No PTA", rt)
+            if a and b:
+                out.append({"ratio": f"{cfg} / No PTA, {rt} ({what})", "value": a / b, "target": target})
+    for rt in ("int8",):
+        for r in rows:
+            if r["runtime"] == rt and r.get("config"):
+                fp = med(r["model"], "onnxruntime")
+                if fp:
+                    out.append({"ratio": f"{r['config']} INT8 / fp32 ({what})", "value": med(r["model"], rt) / fp,
+                                "target": "<= 0.7"})
+    return out
+
+
+def plot_latency_vs_macs(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rt in dict.fromkeys(r["runtime"] for r in rows):
+        pts = [r for r in rows if r["runtime"] == rt]
+        ax.scatter([r["mops"] for r in pts], [r["median_ms"] for r in pts], label=rt)
+        for r in pts:
+            ax.annotate(r["model"].replace("PTA-", ""), (r["mops"], r["median_ms"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("multiply-adds (M)")
+    ax.set_ylabel("batch-1 latency, median (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the switchable artifact against its alternatives ------------------------------------------------
+ARTIFACT_COLUMNS = [
+    ("option", "Artifact", "str"),
+    ("files", "Files", "int"),
+    ("size_mb", "Size on disk (MB)", "f2"),
+    ("rss_mb", "Resident memory, all configurations loaded (MB)", "f2"),
+    ("switch_ms", "Switch cost (ms)", "f3"),
+    ("worst_latency_ratio", "Worst latency vs static file", "f3"),
+    ("latency_ratios", "Latency vs static file, per configuration", "str"),
+]
+
+# Runs in a fresh interpreter (onnxruntime + numpy only) so resident memory is that of the loaded
+# sessions alone: load, run each configuration once, report VmRSS growth.
+_RSS_SCRIPT = r"""
+import json, sys, numpy as np
+def rss():
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
+import onnxruntime
+from ptanet.runtime import DeployedModel, ortsession
+before = rss()
+paths, size = json.loads(sys.argv[1]), int(sys.argv[2])
+x = np.zeros((1, size, size, 3), np.uint8)
+for p in paths:
+    m = DeployedModel(p)
+    for c in m.config_names:
+        m.set_config(c).run(x)
+    globals().setdefault('keep', []).append(m)
+print(rss() - before)
+"""
+
+
+def _rss_mb(paths: list[str], size: int) -> float:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, json.dumps(paths), str(size)], capture_output=True,
+                         text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def write_shared_weights(protos: list, names: list[str], out_dir) -> list:
+    """The other single-artifact option: one graph per configuration, all reading their weights from
+    one ``weights.bin`` (ONNX external data, each distinct tensor stored once)."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    from ptanet.export import _content_name
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    offsets: dict[str, tuple[int, int]] = {}
+    with open(out_dir / "weights.bin", "wb") as blob:
+        for proto in protos:
+            for t in proto.graph.initializer:
+                key = _content_name(t)
+                data = onnx.numpy_helper.to_array(t).tobytes()
+                if key not in offsets:
+                    pad = (-blob.tell()) % 64  # aligned, as onnx's own writer does
+                    blob.write(b"\0" * pad)
+                    offsets[key] = (blob.tell(), len(data))
+                    blob.write(data)
+                set_external_data(t, "weights.bin", *offsets[key])
+                t.ClearField("raw_data")
+                for field in ("float_data", "int64_data", "int32_data", "double_data"):
+                    t.ClearField(field)
+                t.data_location = onnx.TensorProto.EXTERNAL
+    paths = []
+    for proto, name in zip(protos, names):
+        path = out_dir / f"graph_{name}.onnx"
+        path.write_bytes(proto.SerializeToString())
+        paths.append(path)
+    return paths
+
+
+def _switch_cost(model, configs: list[str], x: np.ndarray, switches: int = 120) -> float:
+    """Median (first inference after a switch) minus median (a steady inference), ms."""
+    first, steady = [], []
+    for i in range(switches):
+        model.set_config(configs[i % len(configs)])
+        t0 = time.perf_counter()
+        model.run(x)
+        first.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        model.run(x)
+        steady.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(first) - statistics.median(steady)
+
+
+class _SessionSet:
+    """Several single-configuration files opened once, switched by picking one (the shared-weights option)."""
+
+    def __init__(self, paths, threads: int) -> None:
+        from ptanet.runtime import DeployedModel
+
+        self.models = {}
+        for p in paths:
+            m = DeployedModel(p, threads)
+            self.models[m.config] = m
+        self.current = next(iter(self.models.values()))
+
+    def set_config(self, config: str):
+        self.current = self.models[config]
+        return self
+
+    def run(self, x):
+        return self.current.run(x)
+
+
+def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int = 1, runs: int = 300,
+                      rounds: int = 10, work_dir=None) -> dict:
+    """Size, resident memory, switch cost and per-configuration latency of (a) the switchable file,
+    (b) one graph per configuration sharing one external-data weights file, against (c) the static
+    files. Latency ratios are medians of interleaved runs in one process."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from ptanet.export import (SWITCHABLE_NAME, Deployable, _source, _static_module, _to_onnx_bytes, export_all,
+                               export_switchable)
+    from ptanet.preprocess import Preprocess
+    from ptanet.runtime import DeployedModel
+
+    configs = [parse_config(c) for c in (configs or PAPER_CONFIGS)]
+    tmp = tempfile.TemporaryDirectory(prefix="ptanet-artifact-") if work_dir is None else None
+    work = Path(work_dir or tmp.name)
+    try:
+        src = _source(checkpoint, None)
+        size = Preprocess.from_dict(src.preprocess).size
+        export_all(src.checkpoint or src.model, work / "static", configs)
+        static = {c: work / "static" / f"model_{c}.onnx" for c in configs}
+        sw_path = work / "switchable" / SWITCHABLE_NAME
+        export_switchable(src.checkpoint or src.model, sw_path, configs)
+        prep = Preprocess.from_dict(src.preprocess)
+        protos = []
+        for c in configs:
+            module, _ = _static_module(src.model, c)
+            proto = onnx.load_from_string(_to_onnx_bytes(Deployable(module, prep).eval(), size, 17, True))
+            proto.CopyFrom(proto)
+            for p in onnx.load(static[c]).metadata_props:  # same metadata as the static file
+                proto.metadata_props.add(key=p.key, value=p.value)
+            protos.append(proto)
+        shared_paths = write_shared_weights(protos, configs, work / "shared")
+
+        x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        switchable, sessions = DeployedModel(sw_path, threads), _SessionSet(shared_paths, threads)
+        statics = {c: DeployedModel(static[c], threads) for c in configs}
+        runners = {}
+        for c in configs:
+            runners[f"switchable|{c}"] = lambda c=c: switchable.set_config(c).run(x)
+            runners[f"shared|{c}"] = lambda c=c: sessions.set_config(c).run(x)
+            runners[f"static|{c}"] = lambda c=c: statics[c].run(x)
+        samples = interleaved_timings(runners, runs, rounds, 20)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        rows = []
+        for option, label, paths, model in (
+                ("switchable", f"one graph, If per configuration ({SWITCHABLE_NAME} + weights)", [sw_path], switchable),
+                ("shared", "one graph per configuration + one shared weights.bin", shared_paths, sessions),
+                ("static", f"{len(configs)} static files (reference)", list(static.values()), None)):
+            folder = paths[0].parent
+            disk = sum(p.stat().st_size for p in folder.iterdir() if p.name != "manifest.json")
+            ratios = {c: med[f"{option}|{c}"] / med[f"static|{c}"] for c in configs}
+            rows.append({
+                "option": label, "files": sum(1 for p in folder.iterdir() if p.name != "manifest.json"),
+                "size_mb": disk / 1e6,
+                "rss_mb": _rss_mb([str(p) for p in paths], size),
+                "switch_ms": _switch_cost(model, configs, x) if model is not None else None,
+                "worst_latency_ratio": max(ratios.values()) if option != "static" else 1.0,
+                "latency_ratios": ", ".join(f"{c} {r:.3f}" for c, r in ratios.items()) if option != "static" else "",
+                "latency_ms": {c: med[f"{option}|{c}"] for c in configs},
+            })
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {"rows": rows, "environment": environment(threads)}
+
+
+# --- choosing a configuration --------------------------------------------------------------------------
+SELECT_COLUMNS = [
+    ("config", "Configuration", "str"),
+    ("mops", "Multiply-Adds (Mops)", "f2"),
+    ("latency_ms", "Latency (ms)", "f3"),
+    ("acer", "Validation ACER (%)", "pct"),
+    ("chosen", "Chosen", "str"),
+]
+
+
+def _quality(model_path, quality_json) -> dict[str, float]:
+    """Validation ACER per configuration: from ``ptanet evaluate --split val``'s table3.json (its own
+    BatchNorm statistics where rows have them, threshold 0.5), else what the model file recorded."""
+    import json
+    from pathlib import Path
+
+    if quality_json:
+        rows = json.loads(Path(quality_json).read_text())
+        if not isinstance(rows, list):
+            raise ValueError(f"{quality_json}: expected the row list of ptanet evaluate's table3.json")
+        best: dict[str, float] = {}
+        for bn in ("shared", "recalibrated"):  # recalibrated rows, where present, override shared ones
+            for r in rows:
+                if r.get("config") and r.get("threshold_rule") == "0.5" and r.get("bn") == bn:
+                    best[r["config"]] = r["acer"]
+        return best
+    path = Path(model_path)
+    if path.suffix.lower() == ".onnx":
+        from ptanet.runtime import read_metadata
+
+        return {c["config"]: c["val"]["acer"] for c in read_metadata(path).get("configs", [])
+                if c.get("config") and c.get("val")}
+    from ptanet.checkpoint import load_checkpoint
+
+    return {c: v["acer"] for c, v in (load_checkpoint(path).meta.get("val") or {}).items() if "acer" in v}
+
+
+def selection_rows(model_path, configs: list[str], bench_json=None, runtime: str = "onnxruntime",
+                   quality_json=None, runs: int = 100) -> list[dict]:
+    """One row per configuration: multiply-adds, batch-1 latency (a bench JSON's rows for
+    ``runtime``, or measured here) and validation ACER (None where not recorded)."""
+    import json
+    from pathlib import Path
+
+    quality = _quality(model_path, quality_json)
+    macs = {r["config"]: r["mops"] for r in complexity_table(configs, include_baseline=False)}
+    if bench_json:
+        try:
+            data = json.loads(Path(bench_json).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{bench_json}: not a readable bench JSON ({exc})") from None
+        rows = data if isinstance(data, list) else data.get("rows", [])
+        latency = {r["config"]: r["median_ms"] for r in rows
+                   if r.get("runtime") == runtime and r.get("config") and r["model"] == config_label(r["config"])}
+    else:
+        checkpoint = model_path if Path(model_path).suffix.lower() != ".onnx" else None
+        measured = benchmark(checkpoint, configs, [runtime], runs=runs, rounds=5, fold_bbb=False, batch_runs=1)
+        latency = {r["config"]: r["median_ms"] for r in measured["rows"] if r["config"]}
+    missing = [c for c in configs if c not in latency]
+    if missing:
+        raise ValueError(f"{bench_json or 'the measurement'}: no {runtime} latency for {', '.join(missing)}; "
+                         f"run ptanet bench --configs all --runtimes {runtime}")
+    return [{"config": c, "mops": macs[c], "latency_ms": latency[c], "acer": quality.get(c)} for c in configs]
+
+
+# --- the adaptive controller under changing load ------------------------------------------------------
+ADAPTIVE_COLUMNS = [
+    ("runner", "Runner", "str"),
+    ("budget_ms", "Budget (ms)", "f3"),
+    ("over_budget", "Frames over budget (%)", "pct"),
+    ("over_budget_loaded", "Over budget while loaded (%)", "pct"),
+    ("p90_ms", "p90 (ms)", "f3"),
+    ("p90_loaded_ms", "p90 while loaded (ms)", "f3"),
+    ("median_ms", "Median (ms)", "f3"),
+    ("switches", "Switches", "int"),
+]
+
+_BURN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+class CPUBurner:
+    """Busy-loop processes (one per core) that load the machine; each also stops by itself after
+    ``max_seconds``, so a crashed benchmark cannot leave them running."""
+
+    def __init__(self, processes: int | None = None, max_seconds: float = 120.0) -> None:
+        import os
+
+        self.n, self.max_seconds, self.procs = processes or os.cpu_count() or 1, max_seconds, []
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", _BURN.format(seconds=self.max_seconds)])
+                      for _ in range(self.n)]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=10)
+        self.procs = []
+
+
+def adaptive_benchmark(checkpoint, configs: list[str] | None = None, budget_ms: float | None = None,
+                       frames: int = 600, threads: int = 1, window: int = 15, plot=None, work_dir=None) -> dict:
+    """Frames through the switchable file, alternately by the adaptive controller and by fixed HHH,
+    while a CPU burner runs during the middle third. The controller's ladder is the configurations
+    no dearer than HHH (multiply-adds), cheapest first; the budget defaults to 1.3 x HHH's quiet
+    median. Rows: share of frames over budget and p90, overall and while loaded, per runner."""
+    import tempfile
+    from pathlib import Path
+
+    from ptanet.export import SWITCHABLE_NAME, export_switchable
+    from ptanet.runtime import AdaptiveController, DeployedModel
+
+    configs = [parse_config(c) for c in (configs or PAPER_CONFIGS)]
+    macs = {r["config"]: r["macs"] for r in complexity_table(sorted(set(configs) | {"HHH"}), include_baseline=False)}
+    ladder = sorted((c for c in set(configs) | {"HHH"} if macs[c] <= macs["HHH"]), key=lambda c: macs[c])
+    tmp = tempfile.TemporaryDirectory(prefix="ptanet-adaptive-") if work_dir is None else None
+    work = Path(work_dir or tmp.name)
+    burner = CPUBurner(processes=1)  # one background process, as a co-running app would be
+    try:
+        path = work / SWITCHABLE_NAME
+        export_switchable(checkpoint, path, ladder)
+        adaptive, fixed = DeployedModel(path, threads), DeployedModel(path, threads).set_config("HHH")
+        size = adaptive.size
+        x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        quiet = interleaved_timings({"HHH": lambda: fixed.run(x)}, 100, 1, 20)["HHH"]
+        budget = float(budget_ms or 1.3 * statistics.median(quiet))
+        controller = AdaptiveController(ladder, [macs[c] for c in ladder], budget, window=window, start="HHH")
+        timeline = {"adaptive": [], "fixed HHH": [], "config": [], "loaded": []}
+        load_from, load_to = frames // 3, 2 * frames // 3
+        for frame in range(frames):
+            if frame == load_from:
+                burner.start()
+            elif frame == load_to:
+                burner.stop()
+            adaptive.set_config(controller.config)
+            t0 = time.perf_counter()
+            adaptive.run(x)
+            t_adaptive = (time.perf_counter() - t0) * 1e3
+            timeline["config"].append(controller.config)
+            controller.observe(t_adaptive)
+            t0 = time.perf_counter()
+            fixed.run(x)
+            timeline["fixed HHH"].append((time.perf_counter() - t0) * 1e3)
+            timeline["adaptive"].append(t_adaptive)
+            timeline["loaded"].append(load_from <= frame < load_to)
+    finally:
+        burner.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    loaded = np.asarray(timeline["loaded"])
+    rows = []
+    for runner in ("adaptive", "fixed HHH"):
+        t = np.asarray(timeline[runner])
+        switches = sum(a != b for a, b in zip(timeline["config"], timeline["config"][1:])) if runner == "adaptive" else 0
+        rows.append({"runner": runner, "budget_ms": budget, "over_budget": float(np.mean(t > budget)),
+                     "over_budget_loaded": float(np.mean(t[loaded] > budget)), "p90_ms": _p90(list(t)),
+                     "p90_loaded_ms": _p90(list(t[loaded])), "median_ms": float(np.median(t)), "switches": switches})
+    if plot:
+        _plot_adaptive(timeline, ladder, budget, plot)
+    return {"rows": rows, "ladder": ladder, "budget_ms": budget, "frames": frames, "load_frames": [load_from, load_to],
+            "timeline": timeline, "environment": environment(threads)}
+
+
+def _plot_adaptive(timeline: dict, ladder: list[str], budget: float, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    frames = np.arange(len(timeline["adaptive"]))
+    ax.plot(frames, timeline["fixed HHH"], lw=0.6, label="fixed HHH", color="tab:red")
+    ax.plot(frames, timeline["adaptive"], lw=0.6, label="adaptive", color="tab:blue")
+    ax.axhline(budget, color="k", ls="--", lw=1, label=f"budget {budget:.2f} ms")
+    loaded = np.flatnonzero(timeline["loaded"])
+    if len(loaded):
+        ax.axvspan(loaded[0], loaded[-1], color="0.9", label="CPU burner running")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, loc="upper right")
+    ax2.step(frames, [ladder.index(c) for c in timeline["config"]], where="post")
+    ax2.set_yticks(range(len(ladder)), ladder)
+    ax2.set_xlabel("frame")
+    ax2.set_ylabel("configuration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- exported models on a checkpoint's test split -------------------------------------------------------
+INT8_COLUMNS = [
+    ("model", "Configuration", "str"),
+    ("acer_fp32", "Test ACER fp32 (%)", "pct"),
+    ("acer_int8", "Test ACER INT8 (%)", "pct"),
+    ("acer_change_points", "ACER change (points)", "f2"),
+    ("mean_abs_diff", "Mean |dP| vs fp32", "f3"),
+    ("max_abs_diff", "Max |dP| vs fp32", "f3"),
+    ("label_agreement", "Labels equal (%)", "pct"),
+    ("latency_ratio", "INT8 / fp32 latency", "f3"),
+]
+
+
+def evaluate_exported(model_path, checkpoint, split: str = "test", configs: list[str] | None = None,
+                      threshold: float = 0.5) -> list[dict]:
+    """Metrics (``ptanet.metrics.error_rates``) of an exported file, per configuration it holds, on
+    the ``split`` crop cache ("test" or "train") of the data ``checkpoint`` was trained on."""
+    from pathlib import Path
+
+    from ptanet.checkpoint import load_checkpoint
+    from ptanet.data import CropCache
+    from ptanet.metrics import error_rates
+    from ptanet.runtime import DeployedModel
+    from ptanet.train.settings import resolve_settings
+
+    from ptanet.checkpoint import Checkpoint
+
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    settings = ck.meta.get("settings")
+    if not settings:
+        raise ValueError(f"{checkpoint}: no training settings stored, so its {split} crops are unknown")
+    cache = CropCache(Path(resolve_settings(**settings).cache_dir) / split)
+    model = DeployedModel(model_path)
+    rows = []
+    for config in configs or model.config_names:
+        model.set_config(config)
+        scores = np.concatenate([model.spoof_scores(np.ascontiguousarray(cache.crops[i:i + 64]))
+                                 for i in range(0, len(cache.crops), 64)])
+        rows.append({"config": model.config, "model": config_label(model.config), "n": len(scores),
+                     **error_rates(scores, cache.labels, threshold)})
+    return rows
+
+
+def int8_report(checkpoint, folder, configs: list[str], runs: int = 200, rounds: int = 5) -> list[dict]:
+    """Per configuration: test ACER of ``model_<C>.onnx`` and ``model_<C>.int8.onnx`` in ``folder``
+    (ptanet export --int8), their parity on the INT8 file's metadata, and batch-1 latency ratio."""
+    import json
+    from pathlib import Path
+
+    import onnx
+
+    from ptanet.export import INT8_SUFFIX, onnx_filename
+    from ptanet.runtime import DeployedModel
+
+    folder = Path(folder)
+    rows, runners = [], {}
+    x = None
+    for c in configs:
+        fp32, int8 = folder / onnx_filename(c), folder / onnx_filename(c).replace(".onnx", INT8_SUFFIX)
+        a = evaluate_exported(fp32, checkpoint)[0]
+        b = evaluate_exported(int8, checkpoint)[0]
+        m32, m8 = DeployedModel(fp32), DeployedModel(int8)
+        if x is None:
+            x = np.random.default_rng(0).integers(0, 256, (1, m32.size, m32.size, 3), dtype=np.uint8)
+        runners[f"{c}|fp32"], runners[f"{c}|int8"] = (lambda m=m32: m.run(x)), (lambda m=m8: m.run(x))
+        props = {p.key: p.value for p in onnx.load(int8, load_external_data=False).metadata_props}
+        rows.append({"config": c, "model": config_label(c), "acer_fp32": a["acer"], "acer_int8": b["acer"],
+                     "acer_change_points": 100 * (b["acer"] - a["acer"]), "n_test": a["n"],
+                     **json.loads(props.get("int8_parity", "{}"))})
+    samples = interleaved_timings(runners, runs, rounds, 20)
+    for r in rows:
+        r["latency_ratio"] = statistics.median(samples[f"{r['config']}|int8"]) / statistics.median(samples[f"{r['config']}|fp32"])
+    return rows
+
+
+INT8_OPTION_COLUMNS = [
+    ("model", "Configuration", "str"),
+    ("options", "Quantization", "str"),
+    ("mean_abs_diff", "Mean |dP| vs fp32", "f3"),
+    ("max_abs_diff", "Max |dP| vs fp32", "f3"),
+    ("label_agreement", "Labels equal (%)", "pct"),
+    ("latency_ratio", "INT8 / fp32 latency", "f3"),
+]
+INT8_VARIANTS = [
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False},
+    {"per_channel": False, "activation": "U8", "weight": "S8", "reduce_range": False},
+    {"per_channel": True, "activation": "S8", "weight": "S8", "reduce_range": False},
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": True},
+]
+
+
+def int8_options(checkpoint, configs: list[str], runs: int = 200, rounds: int = 5) -> list[dict]:
+    """Each quantization variant of :data:`INT8_VARIANTS` per configuration: parity against fp32 on
+    real crops the calibration did not see, and batch-1 latency against fp32 (interleaved)."""
+    import tempfile
+    from pathlib import Path
+
+    from ptanet.export import _source, _static_module, _export_static, int8_crops, quantize_int8
+    from ptanet.runtime import DeployedModel
+
+    src = _source(checkpoint, None)
+    calibration, check, where = int8_crops(src)
+    rows, runners = [], {}
+    with tempfile.TemporaryDirectory(prefix="ptanet-int8opt-") as tmp:
+        for c in configs:
+            module, c = _static_module(src.model, c)
+            fp32 = Path(tmp) / f"{c}.onnx"
+            _export_static(module, c, src, fp32, 17, True, crops=(check, where))
+            m32 = DeployedModel(fp32)
+            x = check[:1]
+            runners[f"{c}|fp32"] = lambda m=m32: m.run(x)
+            for k, v in enumerate(INT8_VARIANTS):
+                r = quantize_int8(fp32, Path(tmp) / f"{c}.{k}.onnx", calibration, check, tolerance=1.0, **v)
+                m8 = DeployedModel(r["path"])
+                runners[f"{c}|{k}"] = lambda m=m8: m.run(x)
+                name = (f"{'per-channel' if v['per_channel'] else 'per-tensor'}, {v['activation']}{v['weight']}"
+                        f"{', reduce_range' if v['reduce_range'] else ''}")
+                rows.append({"config": c, "model": config_label(c), "variant": k, "options": name,
+                             **{key: r[key] for key in ("mean_abs_diff", "max_abs_diff", "label_agreement")}})
+        samples = interleaved_timings(runners, runs, rounds, 20)
+    for r in rows:
+        r["latency_ratio"] = (statistics.median(samples[f"{r['config']}|{r['variant']}"])
+                              / statistics.median(samples[f"{r['config']}|fp32"]))
+    return rows

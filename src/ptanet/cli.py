@@ -12,8 +12,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptanet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each _add_* registers one subcommand and sets `func` to its handler.
-    for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_cv, _add_recalibrate, _add_evaluate, _add_report, _add_complexity,
-                _add_export, _add_predict, _add_demo, _add_nuaa):
+    for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_cv, _add_recalibrate, _add_evaluate, _add_report,
+                _add_complexity, _add_export, _add_predict, _add_bench, _add_select, _add_demo, _add_nuaa):
         add(sub)
     return parser
 
@@ -59,25 +59,29 @@ def _add_complexity(sub) -> None:
     p.add_argument("--all", action="store_true", help="all 27 configurations instead of the paper's six")
     p.add_argument("--configs", help="comma-separated configurations, e.g. HHH,LLL (default: the paper's)")
     p.add_argument("--size", type=int, default=128, help="input size in pixels (default: 128, the paper's)")
-    p.add_argument("--latency", action="store_true", help="also measure CPU latency (batch 1, 1 thread)")
+    p.add_argument("--latency", action="store_true",
+                   help="also measure CPU latency with ptanet bench's timer (PyTorch eager, batch 1, 1 thread)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch", help="runtime timed by --latency")
     p.add_argument("--runs", type=int, default=50, help="timed runs per model and round for --latency")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models for --latency (median taken)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all models for --latency")
     p.add_argument("--out", help="also write OUT.md, OUT.json and OUT.csv")
     _add_format(p)
     p.set_defaults(func=_cmd_complexity)
 
 
 def _cmd_complexity(args) -> int:
-    from ptanet.bench import COMPLEXITY_COLUMNS, LATENCY_COLUMNS, complexity_table, latency_table
+    from ptanet.bench import COMPLEXITY_COLUMNS, LATENCY_COLUMNS, benchmark, complexity_table
     from ptanet.configs import parse_configs
 
     configs = parse_configs("all" if args.all else args.configs)
     rows = complexity_table(configs, size=args.size)
     columns = list(COMPLEXITY_COLUMNS)
-    if args.latency:
-        latency = {r["model"]: r for r in latency_table(configs, size=args.size, runs=args.runs, rounds=args.rounds)}
+    if args.latency:  # one way to time a model: ptanet bench's
+        measured = benchmark(None, configs, runtimes=[args.runtime], runs=args.runs * args.rounds, rounds=args.rounds,
+                             size=args.size, fold_bbb=False, batch_runs=1)
+        latency = {r["model"]: r for r in measured["rows"]}
         for row in rows:
-            row.update({k: latency[row["model"]][k] for k in ("latency_ms", "relative_latency")})
+            row.update(latency_ms=latency[row["model"]]["median_ms"], relative_latency=latency[row["model"]]["relative"])
         columns += LATENCY_COLUMNS
     _print_table(rows, columns, args.format, args.out)
     return 0
@@ -274,28 +278,65 @@ def _cmd_report(args) -> int:
 
 # --- deployment ------------------------------------------------------------------------------------
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="ONNX files, one per configuration, verified against PyTorch")
+    p = sub.add_parser("export", help="ONNX: one switchable file holding every configuration (default), or one per "
+                       "configuration, verified against PyTorch on real crops",
+                       description="Default: OUT/model_switchable.onnx, every configuration in one file that switches "
+                       "at run time (a No PTA checkpoint: OUT/model_baseline.onnx). --per-config: one file per "
+                       "configuration plus manifest.json. --int8: per configuration fp32 and INT8 files.")
     p.add_argument("checkpoint")
-    p.add_argument("--out", required=True, help="folder for model_<CONFIG>.onnx and manifest.json")
+    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--configs", help="paper (default), all, or a list like HHH,LLL (ignored for No PTA)")
+    p.add_argument("--per-config", action="store_true", help="one static file per configuration + manifest.json")
+    p.add_argument("--int8", action="store_true", help="also static INT8 (QDQ) files, calibrated per configuration")
+    p.add_argument("--int8-per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
+    p.add_argument("--int8-activation", choices=("U8", "S8"), default="U8", help="activation type (default U8)")
+    p.add_argument("--int8-reduce-range", action="store_true", help="7-bit weights (onnxruntime reduce_range)")
+    p.add_argument("--threshold", type=float, default=0.5, help="spoof threshold recorded in the metadata")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1 (--per-config)")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
     import json
+    from pathlib import Path
 
-    from ptanet.export import export_all
+    from ptanet.checkpoint import load_checkpoint
+    from ptanet.export import SWITCHABLE_NAME, export_all, export_int8, export_onnx, export_switchable, onnx_filename
+    from ptanet.models import is_pta
 
-    manifest = export_all(args.checkpoint, args.out, configs=args.configs, opset=args.opset, dynamic_batch=not args.static_batch)
-    print(json.dumps(manifest, indent=2))
+    if not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    ck = load_checkpoint(args.checkpoint)
+    if args.int8:
+        result = export_int8(ck, args.out, configs=args.configs, per_channel=not args.int8_per_tensor,
+                             activation=args.int8_activation, reduce_range=args.int8_reduce_range)
+        if ck.meta.get("settings"):  # the test split it was trained with: ACER change and speed
+            from ptanet.bench import INT8_COLUMNS, int8_report
+
+            try:
+                rows = int8_report(ck, args.out, [r["config"] for r in result if r["config"]])
+            except (OSError, ValueError) as exc:
+                print(f"ptanet export: no test ACER ({exc})", file=sys.stderr)
+            else:
+                _print_table(rows, INT8_COLUMNS, "markdown", str(Path(args.out) / "int8"))
+    elif args.per_config:
+        result = export_all(ck, args.out, configs=args.configs, opset=args.opset, dynamic_batch=not args.static_batch,
+                            threshold=args.threshold)
+    elif is_pta(ck.model):
+        result = export_switchable(ck, Path(args.out) / SWITCHABLE_NAME, configs=args.configs, opset=args.opset,
+                                   threshold=args.threshold)
+    else:
+        if args.configs:
+            raise ValueError(f"{args.checkpoint}: the model has no PTA blocks; leave out --configs")
+        result = export_onnx(ck, Path(args.out) / onnx_filename(ck.config), opset=args.opset, threshold=args.threshold)
+    print(json.dumps(result, indent=2))
     return 0
 
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="live/spoof scores for images (a checkpoint or an exported .onnx)")
-    p.add_argument("model", help="checkpoint (.pt) or ONNX file")
+    p.add_argument("model", help="checkpoint (.pt) or ONNX file (static or switchable)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--config", help="PTA configuration to run (default: the model's)")
     p.add_argument("--detect", help="find the face: haar (bundled with OpenCV) or yunet:PATH.onnx")
@@ -315,6 +356,133 @@ def _cmd_predict(args) -> int:
     _print_table(rows, [("path", "Image", "str"), ("label", "Label", "str"), ("score", "Spoof score", "f3"),
                         ("config", "Config", "str"), ("box_source", "Box", "str"), ("error", "Error", "str")], args.format)
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="latency per configuration in PyTorch eager, ONNX Runtime fp32 and INT8 "
+                       "(paper Table 4 on this machine); --adaptive: the latency-budget controller under load")
+    p.add_argument("checkpoint", nargs="?", help="PTA checkpoint (default: a freshly initialised model; latency "
+                   "does not depend on the weights)")
+    p.add_argument("--configs", help="paper (default), all, or a list like HHH,LLL")
+    p.add_argument("--runtimes", default="torch,onnxruntime", help="comma-separated: torch, onnxruntime, int8")
+    p.add_argument("--int8-dir", help="folder of model_<CONFIG>.int8.onnx files (ptanet export --int8) for runtime int8")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    p.add_argument("--runs", type=int, default=300, help="timed batch-1 runs per model (default 300)")
+    p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch-runs", type=int, default=10, help="timed batch-32 runs per model")
+    p.add_argument("--no-fold-bbb", action="store_true", help="skip the BBB variant with the average folded in")
+    p.add_argument("--artifact", action="store_true",
+                   help="instead: compare the switchable file with the six static files and with six graphs "
+                   "sharing one weights file (size, resident memory, switch time, latency)")
+    p.add_argument("--int8-options", action="store_true",
+                   help="instead: INT8 variants (per-channel/per-tensor, U8S8/S8S8, reduce_range) per configuration: "
+                   "parity with fp32 on real crops and latency")
+    p.add_argument("--adaptive", action="store_true",
+                   help="instead: the adaptive controller against fixed HHH while a CPU burner starts and stops")
+    p.add_argument("--budget-ms", type=float, help="--adaptive: latency budget (default 1.3 x HHH's quiet median)")
+    p.add_argument("--frames", type=int, default=600, help="--adaptive: frames per runner")
+    p.add_argument("--out", help="write OUT.md/.json/.csv (and OUT.png plots)")
+    _add_format(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ptanet import bench
+    from ptanet.atomic import write_json_atomic
+    from ptanet.configs import parse_configs
+
+    configs = parse_configs(args.configs)
+    if args.threads < 1 or args.runs < 1 or args.rounds < 1:
+        raise ValueError("--threads, --runs and --rounds must be at least 1")
+    if args.artifact or args.adaptive or args.int8_options:
+        if not args.checkpoint:
+            raise ValueError("--artifact, --adaptive and --int8-options need a PTA checkpoint")
+        if args.int8_options:
+            result = {"rows": bench.int8_options(args.checkpoint, configs)}
+            columns = bench.INT8_OPTION_COLUMNS
+        elif args.artifact:
+            result = bench.compare_artifacts(args.checkpoint, configs, threads=args.threads)
+            columns = bench.ARTIFACT_COLUMNS
+        else:
+            result = bench.adaptive_benchmark(args.checkpoint, configs, budget_ms=args.budget_ms, frames=args.frames,
+                                              threads=args.threads, plot=f"{args.out}.png" if args.out else None)
+            columns = bench.ADAPTIVE_COLUMNS
+        _print_table(result["rows"], columns, args.format, args.out)
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2, default=str), file=sys.stderr)
+        if args.out:  # OUT.json holds the table's rows; the rest (timeline, environment) beside it
+            write_json_atomic(f"{args.out}.details.json", {k: v for k, v in result.items() if k != "rows"}, indent=2)
+        return 0
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    unknown = sorted(set(runtimes) - {"torch", "onnxruntime", "int8"})
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {unknown}; use torch, onnxruntime, int8")
+    if "int8" in runtimes and not args.int8_dir:
+        raise ValueError("--runtimes int8 needs --int8-dir (the folder ptanet export --int8 wrote)")
+    result = bench.benchmark(args.checkpoint, configs, runtimes, threads=args.threads, runs=args.runs,
+                             rounds=args.rounds, warmup=args.warmup, batch_runs=args.batch_runs,
+                             int8_dir=args.int8_dir, fold_bbb=not args.no_fold_bbb)
+    _print_table(result["rows"], bench.BENCH_COLUMNS, args.format, args.out)
+    ratios = bench.speed_ratios(result["rows"])
+    print(_render(ratios, [("ratio", "Ratio", "str"), ("value", "Measured", "f3"), ("target", "Target", "str")]), file=sys.stderr)
+    print(json.dumps(result["environment"]), file=sys.stderr)
+    if args.out:
+        write_json_atomic(f"{args.out}.details.json", {"environment": result["environment"], "ratios": ratios}, indent=2)
+        bench.plot_latency_vs_macs(result["rows"], f"{args.out}.png")
+    return 0
+
+
+def _render(rows, columns) -> str:
+    from ptanet.tables import render
+
+    return render(rows, columns, "markdown")
+
+
+def _add_select(sub) -> None:
+    p = sub.add_parser("select", help="pick the configuration with the best validation quality within a latency budget",
+                       description="Reads latencies from a bench JSON (--bench) or measures them here, quality from "
+                       "--quality (ptanet evaluate --split val's table3.json) or the model's recorded validation; "
+                       "prints the speed/quality Pareto front and the choice.")
+    p.add_argument("model", help="checkpoint or exported .onnx (for its recorded validation quality and multiply-adds)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-ms", type=float, help="latency budget in ms (batch 1)")
+    budget.add_argument("--budget-rel", type=float, help="latency budget as a fraction of HHH's")
+    p.add_argument("--bench", help="bench rows (ptanet bench --out X writes X.json); default: measure here")
+    p.add_argument("--runtime", default="onnxruntime", help="which runtime's latencies to use (default onnxruntime)")
+    p.add_argument("--quality", help="table3.json of ptanet evaluate --split val (recalibrated BN, threshold 0.5 rows)")
+    p.add_argument("--configs", help="paper, or all (default: all 27)")
+    p.add_argument("--cost", choices=("latency", "macs"), default="latency", help="Pareto front by latency or multiply-adds")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per configuration when measuring here")
+    p.add_argument("--out", help="write OUT.md/.json/.csv of the front")
+    _add_format(p)
+    p.set_defaults(func=_cmd_select)
+
+
+def _cmd_select(args) -> int:
+    from ptanet.bench import SELECT_COLUMNS, selection_rows
+    from ptanet.configs import parse_configs
+    from ptanet.runtime import pareto_front, select_config
+
+    configs = parse_configs(args.configs or "all")
+    rows = selection_rows(args.model, configs, bench_json=args.bench, runtime=args.runtime, quality_json=args.quality,
+                          runs=args.runs)
+    cost = "latency_ms" if args.cost == "latency" else "mops"
+    front = pareto_front(rows, cost=cost)
+    if not front:
+        raise ValueError(f"{args.model}: no recorded validation quality for any configuration; run ptanet evaluate "
+                         "--split val --configs all and pass its table3.json with --quality")
+    if args.budget_ms is not None and args.budget_ms <= 0 or args.budget_rel is not None and args.budget_rel <= 0:
+        raise ValueError("the budget must be positive")
+    chosen = select_config(rows, args.budget_ms, args.budget_rel)
+    for row in front:
+        row["chosen"] = "<-" if row["config"] == chosen["config"] else ""
+    _print_table(front, SELECT_COLUMNS, args.format, args.out)
+    acer = "n/a" if chosen.get("acer") is None else f"{100 * chosen['acer']:.2f} %"
+    print(f"chosen: {chosen['config']} ({chosen['latency_ms']:.3f} ms, validation ACER {acer})")
+    return 0
 
 
 # --- whole experiments ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ptanet.export import SpoofScorer
 from ptanet.models import held_config, is_pta
 from ptanet.preprocess import (IMAGE_EXTENSIONS, EmptyBoxError, ImageReadError, NoFaceError, Preprocess, box_file_of,
                                choose_box, parse_box_file, read_image_rgb)
-from ptanet.runtime import INPUT_NAME, ortsession, read_metadata
+from ptanet.runtime import DeployedModel
 
 ONNX_SUFFIX = ".onnx"
 
@@ -56,41 +56,35 @@ class _TorchBackend:
             raise ValueError(f"{self.path}: cannot use configuration {config!r}: the model {what}")
 
     @torch.inference_mode()
-    def scores(self, x: torch.Tensor) -> np.ndarray:
-        return self.scorer(x)[1].numpy()
+    def scores(self, crops: np.ndarray) -> np.ndarray:
+        return self.scorer(Preprocess.from_dict(self.preprocess).normalize(crops))[1].numpy()
 
 
 class _OnnxBackend:
-    """An exported configuration run with onnxruntime; it holds exactly one configuration."""
+    """An exported file run with onnxruntime (``ptanet.runtime.DeployedModel``): a static file holds
+    one configuration, a switchable one several, switched without reloading."""
 
     def __init__(self, path: Path, config: str | None, threads: int) -> None:
         self.path = path
-        self.session = ortsession(path, threads)
-        meta = read_metadata(self.session, str(path))
-        self.preprocess, self.labels, self.config = meta["preprocess"], meta["labels"], meta["config"]
-        shape = self.session.get_inputs()[0].shape
+        self.model = DeployedModel(path, threads)
+        self.session = self.model.session
+        self.preprocess, self.labels = self.model.meta["preprocess"], self.model.meta["labels"]
         try:
-            size = Preprocess.from_dict(self.preprocess).size
+            Preprocess.from_dict(self.preprocess)
         except (TypeError, ValueError) as exc:  # metadata from a newer ptanet or edited by hand
             raise ValueError(f"{path}: {exc}") from None
-        if self.session.get_inputs()[0].name != INPUT_NAME or list(shape[1:]) != [3, size, size]:
-            raise ValueError(f"{path}: input {self.session.get_inputs()[0].name} {shape} does not match the "
-                             f"metadata (expected {INPUT_NAME} [N, 3, {size}, {size}])")
-        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         if config is not None:
             self.set_config(config)
 
-    def set_config(self, config: str) -> None:
-        if self.config is None or parse_config(config) != self.config:
-            held = f"configuration {self.config}" if self.config else "the No PTA baseline"
-            raise ValueError(f"{self.path}: this ONNX file holds {held} only; export configuration "
-                             f"{config!r} to its own file to use it")
+    @property
+    def config(self) -> str | None:
+        return self.model.config
 
-    def scores(self, x: torch.Tensor) -> np.ndarray:
-        arr = x.numpy()
-        step = self.fixed_batch or len(arr)
-        out = [self.session.run(["spoof_score"], {INPUT_NAME: arr[i:i + step]})[0] for i in range(0, len(arr), step)]
-        return np.concatenate(out)
+    def set_config(self, config: str) -> None:
+        self.model.set_config(config)
+
+    def scores(self, crops: np.ndarray) -> np.ndarray:
+        return self.model.spoof_scores(crops)  # uint8 RGB crops: the graph normalises them itself
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -105,8 +99,9 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 class Predictor:
     """Live/spoof predictions for images, from a checkpoint (``.pt``) or an exported ``.onnx``.
 
-    ``config``: the PTA configuration to run (default: the one stored with the model); an ONNX file
-    holds one configuration and accepts only that one. ``detect``: None, ``"haar"`` or
+    ``config``: the PTA configuration to run (default: the one stored with the model); a static
+    ONNX file holds one configuration and accepts only that one, a switchable one (``ptanet export``'s
+    default ``model_switchable.onnx``) those it was exported with. ``detect``: None, ``"haar"`` or
     ``"yunet:/path/model.onnx"``, used for images without a box file. ``box_files=False`` ignores
     ``<stem>_BB.txt`` files. ``threads``: onnxruntime threads (ONNX only; PyTorch keeps its own
     setting, which is process-wide). An image is labelled spoof iff its score >= ``threshold``, as in
@@ -183,7 +178,7 @@ class Predictor:
     def _score(self, rows: list[dict], crops: list[np.ndarray]) -> None:
         if not crops:
             return
-        scores = self._backend.scores(self.preprocess.normalize(np.stack(crops)))
+        scores = self._backend.scores(np.stack(crops))
         for row, score in zip(rows, scores):
             row["score"] = float(score)
             row["label"] = self.labels[1] if score >= self.threshold else self.labels[0]

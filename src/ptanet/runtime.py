@@ -2,7 +2,11 @@
 
 ``ortsession`` opens an exported file with the session options ptanet always wants, and
 ``read_metadata`` reads the ptanet metadata every export carries (preprocessing, label map,
-configuration), so a deployment needs the ``.onnx`` file, onnxruntime and numpy, nothing else.
+configurations), so a deployment needs the ``.onnx`` file, onnxruntime and numpy, nothing else.
+``DeployedModel`` runs a static or switchable file on uint8 face crops and switches configuration;
+``pareto_front`` / ``select_config`` choose a configuration for a latency budget from measured rows,
+and ``AdaptiveController`` keeps a budget under changing load. All three are pure functions of the
+numbers they are given (no timing inside), so they are tested on given latency traces.
 """
 
 from __future__ import annotations
@@ -11,14 +15,18 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
-from ptanet.configs import parse_config
+from ptanet.configs import parse_config  # pure Python and numpy
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("logits", "spoof_score")
+INPUT_NAME = "image"  # uint8 (N, S, S, 3) RGB face crops, as Preprocess.crop returns them
+CONFIG_INPUT = "config"  # int64 scalar: index into the metadata's "configs" (switchable artifacts only)
+OUTPUT_NAMES = ("probabilities", "spoof_score")  # (N, 2) [live, spoof] and (N,) P(spoof)
 METADATA_FORMAT = "ptanet.onnx"
-METADATA_VERSION = 1
+# 2: uint8 NHWC input with the normalisation inside the graph, probabilities out. Version 1 files took
+# normalised float NCHW input; feeding them crops would silently give wrong scores, so they are refused.
+METADATA_VERSION = 2
 
 
 def ortsession(path: str | os.PathLike, threads: int = 1) -> ort.InferenceSession:
@@ -35,6 +43,7 @@ def ortsession(path: str | os.PathLike, threads: int = 1) -> ort.InferenceSessio
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.log_severity_level = 3  # errors only: its warnings about unused constants are noise to users
     try:
         return ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NoSuchFile types
@@ -61,10 +70,9 @@ def read_metadata(source: str | os.PathLike | ort.InferenceSession, name: str | 
     except json.JSONDecodeError as exc:
         raise ValueError(f"{where}: corrupt ptanet metadata ({exc})") from None
     version = meta.get("format_version", 0)
-    if not isinstance(version, int):
-        raise ValueError(f"{where}: corrupt ptanet metadata (format_version {version!r} is not an integer)")
-    if version > METADATA_VERSION:
-        raise ValueError(f"{where}: ONNX metadata version {version} is newer than this ptanet reads")
+    if version != METADATA_VERSION:
+        raise ValueError(f"{where}: ptanet ONNX format version {version!r}, this ptanet reads "
+                         f"version {METADATA_VERSION} only; export the checkpoint again with this ptanet")
     try:
         labels = {int(k): v for k, v in meta["labels"].items()}
     except (KeyError, AttributeError, TypeError, ValueError):
@@ -81,3 +89,175 @@ def read_metadata(source: str | os.PathLike | ort.InferenceSession, name: str | 
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: corrupt ptanet metadata (invalid configuration: {exc})") from None
     return meta
+
+
+def _config_name(text: str) -> str:
+    """"lhh", "PTA-LHH", "No PTA" -> the names the metadata uses (without importing torch)."""
+    text = text.strip()
+    if text.lower().replace(" ", "") in ("nopta", "baseline"):
+        return "No PTA"
+    return text.upper().removeprefix("PTA-")
+
+
+class DeployedModel:
+    """An exported ptanet model run with onnxruntime: a static file (one configuration) or a
+    switchable one (several, chosen with :meth:`set_config`, no reload).
+
+    ``configs`` lists what the file holds, each with ``config``, ``model``, ``params``, ``macs``,
+    ``mops`` and ``val`` (the validation metrics recorded with the checkpoint, or None). ``run``
+    takes uint8 RGB face crops (N, S, S, 3) as ``Preprocess.crop`` gives them and returns the
+    (N, 2) probabilities [live, spoof]. With ``warm`` (default) every configuration runs once at
+    load, so the first inference after a switch costs what a steady one does.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1, warm: bool = True) -> None:
+        self.path = Path(path)
+        self.session = ortsession(self.path, threads)
+        self.meta = read_metadata(self.session, str(self.path))
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        size = int(self.meta["preprocess"]["size"])
+        image = inputs.get(INPUT_NAME)
+        if image is None or image.type != "tensor(uint8)" or list(image.shape[1:]) != [size, size, 3]:
+            got = f"{image.name} {image.type} {image.shape}" if image is not None else f"no input {INPUT_NAME!r}"
+            raise ValueError(f"{self.path}: input {got} does not match the metadata (expected {INPUT_NAME} "
+                             f"uint8 [N, {size}, {size}, 3])")
+        self.size = size
+        self.fixed_batch = image.shape[0] if isinstance(image.shape[0], int) else None
+        self.switchable = CONFIG_INPUT in inputs
+        self.configs: list[dict] = list(self.meta.get("configs") or [])
+        self._index = {(c["config"] or "No PTA"): k for k, c in enumerate(self.configs)}
+        if self.switchable and not self.configs:
+            raise ValueError(f"{self.path}: a switchable file without the list of its configurations in the metadata")
+        self._feed_config = np.array(0, np.int64)
+        self.config: str | None = self.meta.get("config")
+        if self.switchable:
+            self.set_config(self.configs[0]["config"])
+        if warm:
+            blank = np.zeros((self.fixed_batch or 1, size, size, 3), np.uint8)
+            for c in (self.configs if self.switchable else [None]):
+                if c is not None:
+                    self.set_config(c["config"])
+                self.run(blank)
+            if self.switchable:
+                self.set_config(self.configs[0]["config"])
+
+    @property
+    def config_names(self) -> list[str]:
+        return list(self._index)
+
+    def set_config(self, config: str) -> "DeployedModel":
+        """Activate ``config`` (e.g. "LHH"); an unknown one raises a ValueError naming those held."""
+        name = _config_name(config)
+        if name != "No PTA":
+            name = parse_config(name)  # a malformed name: the message names the allowed letters
+        if name not in self._index:
+            held = (f"configuration {self.config_names[0]} only" if len(self._index) == 1
+                    else f"configurations {', '.join(self.config_names)}")
+            raise ValueError(f"{self.path}: no configuration {config!r} in this file; it holds {held}")
+        if self.switchable:
+            # A fresh array, not an in-place write: a run in another thread keeps its own index.
+            self._feed_config = np.array(self._index[name], np.int64)
+        self.config = None if name == "No PTA" else name
+        return self
+
+    def _check(self, crops: np.ndarray) -> np.ndarray:
+        expected = f"uint8 (N, {self.size}, {self.size}, 3) RGB face crops"
+        if not isinstance(crops, np.ndarray):
+            raise ValueError(f"{self.path}: expected a numpy array of {expected}, got {type(crops).__name__}")
+        if crops.dtype != np.uint8:
+            raise ValueError(f"{self.path}: expected {expected}, got dtype {crops.dtype} (the graph normalises "
+                             "uint8 pixels itself: do not scale or normalise them)")
+        if crops.ndim != 4 or crops.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(f"{self.path}: expected {expected}, got shape {crops.shape}")
+        return np.ascontiguousarray(crops)
+
+    def run(self, crops: np.ndarray) -> np.ndarray:
+        """(N, 2) probabilities [live, spoof] of the active configuration."""
+        crops = self._check(crops)
+        feeds = {CONFIG_INPUT: self._feed_config} if self.switchable else {}
+        step = self.fixed_batch or max(len(crops), 1)
+        outs = [self.session.run([OUTPUT_NAMES[0]], {INPUT_NAME: crops[i:i + step], **feeds})[0]
+                for i in range(0, len(crops), step)]
+        return np.concatenate(outs) if outs else np.zeros((0, 2), np.float32)
+
+    def spoof_scores(self, crops: np.ndarray) -> np.ndarray:
+        """(N,) probability of spoof."""
+        return self.run(crops)[:, 1]
+
+
+# --- choosing a configuration: pure functions of measured rows --------------------------------------
+def pareto_front(rows: list[dict], cost: str = "latency_ms", quality: str = "acer") -> list[dict]:
+    """The rows no other row beats on both ``cost`` and ``quality`` (both lower = better), cheapest
+    first. Rows without a quality are left out."""
+    rated = sorted((r for r in rows if r.get(quality) is not None and r.get(cost) is not None),
+                   key=lambda r: (r[cost], r[quality]))
+    front, best = [], float("inf")
+    for row in rated:
+        if row[quality] < best:
+            front.append(row)
+            best = row[quality]
+    return front
+
+
+def select_config(rows: list[dict], budget_ms: float | None = None, budget_rel: float | None = None,
+                  cost: str = "latency_ms", quality: str = "acer", reference: str = "HHH") -> dict:
+    """The row with the best (lowest) recorded ``quality`` whose ``cost`` fits the budget; ties go to
+    the cheaper. ``budget_rel`` is a fraction of the ``reference`` configuration's cost. Rows without
+    a quality rank after every rated one (then by cost). Raises ValueError when nothing fits."""
+    if (budget_ms is None) == (budget_rel is None):
+        raise ValueError("give exactly one of budget_ms and budget_rel")
+    if budget_rel is not None:
+        ref = next((r for r in rows if r.get("config") == reference), None)
+        if ref is None:
+            raise ValueError(f"budget_rel needs the reference configuration {reference} among the measured ones")
+        budget_ms = budget_rel * ref[cost]
+    fits = [r for r in rows if r.get(cost) is not None and r[cost] <= budget_ms]
+    if not fits:
+        fastest = min(rows, key=lambda r: r[cost])
+        raise ValueError(f"no configuration fits {budget_ms:.3g} ({cost}); the fastest, "
+                         f"{fastest.get('config') or fastest.get('model')}, needs {fastest[cost]:.3g}")
+    return min(fits, key=lambda r: (r.get(quality) is None, r.get(quality) or 0.0, r[cost]))
+
+
+class AdaptiveController:
+    """Keeps a latency budget under changing load by stepping along a ladder of configurations.
+
+    ``ladder``: configurations from the cheapest to the dearest (e.g. a Pareto front), ``costs`` their
+    relative costs (multiply-adds or latencies; same order). After every ``window`` frames it looks at
+    the window's ``percentile`` latency p: above ``budget_ms`` it steps one rung cheaper; if the next
+    dearer rung would still fit with margin (``p * cost_next / cost_now <= headroom * budget_ms``) it
+    steps one rung dearer. The gap between 1 and ``headroom`` is the hysteresis that stops it from
+    flapping, and the window restarts after each step so each decision sees only the new rung's
+    frames. Pure: feed it latencies (:meth:`observe`), it answers the configuration to run next.
+    """
+
+    def __init__(self, ladder: list[str], costs: list[float], budget_ms: float, window: int = 15,
+                 percentile: float = 90.0, headroom: float = 0.8, start: str | None = None) -> None:
+        if len(ladder) != len(costs) or not ladder:
+            raise ValueError("ladder and costs need the same, non-zero length")
+        if not 0 < headroom < 1:
+            raise ValueError(f"headroom must be in (0, 1), got {headroom}")
+        if budget_ms <= 0 or window < 1:
+            raise ValueError("budget_ms must be positive and window at least 1")
+        self.ladder, self.costs = list(ladder), [float(c) for c in costs]
+        self.budget_ms, self.window, self.percentile, self.headroom = float(budget_ms), int(window), percentile, headroom
+        self.index = self.ladder.index(start) if start is not None else len(self.ladder) - 1
+        self._seen: list[float] = []
+
+    @property
+    def config(self) -> str:
+        return self.ladder[self.index]
+
+    def observe(self, latency_ms: float) -> str:
+        """Record one frame's latency (of the current configuration); returns the next configuration."""
+        self._seen.append(float(latency_ms))
+        if len(self._seen) < self.window:
+            return self.config
+        p = float(np.percentile(self._seen, self.percentile))
+        self._seen = []
+        if p > self.budget_ms and self.index > 0:
+            self.index -= 1
+        elif (self.index + 1 < len(self.ladder)
+              and p * self.costs[self.index + 1] / self.costs[self.index] <= self.headroom * self.budget_ms):
+            self.index += 1
+        return self.config
