@@ -1,7 +1,8 @@
 """Threshold calibration on the user's own camera (``ptanet calibrate``), stored with the model.
 
 A model's scores shift with the camera, the light and the detector, so the 0.5 of the training data
-rarely fits. ``calibrate`` scores a labelled folder (``live/`` and ``spoof/``, any nesting), picks the
+rarely fits. ``calibrate`` scores a labelled folder (images under folders named ``live`` and ``spoof``,
+at any depth), picks the
 threshold for a target and writes it into the model file as ``{value, rule, data, n}``: a checkpoint's
 ``meta["threshold"]``, an ONNX file's ``threshold`` metadata. ``Predictor`` and ``LivenessChecker``
 then use it whenever no threshold is given.
@@ -60,13 +61,18 @@ def pick_threshold(scores: np.ndarray, labels: np.ndarray, target: str) -> float
 
 
 def _labelled(folder: Path) -> tuple[list[Path], list[int]]:
+    """Images under ``folder`` labelled by the nearest parent folder named live or spoof (so both
+    ``ROOT/live/...`` and CelebA's ``ROOT/Data/test/<subject>/live/...`` work); others are ignored."""
     paths, labels = [], []
-    for label, name in ((0, "live"), (1, "spoof")):
-        if not (folder / name).is_dir():
-            raise ValueError(f"{folder}: no {name}/ folder (calibration needs {folder}/live and {folder}/spoof)")
-        found = list_images(folder / name)
-        paths += found
-        labels += [label] * len(found)
+    for path in list_images(folder):
+        names = [p.name.lower() for p in path.relative_to(folder).parents]
+        label = next((0 if n == "live" else 1 for n in names if n in ("live", "spoof")), None)
+        if label is not None:
+            paths.append(path)
+            labels.append(label)
+    if len(set(labels)) < 2:
+        raise ValueError(f"{folder}: calibration needs images in folders named live and spoof (e.g. "
+                         f"{folder}/live, {folder}/spoof), found {labels.count(0)} live and {labels.count(1)} spoof")
     return paths, labels
 
 

@@ -304,12 +304,12 @@ def _cmd_predict(args) -> int:
 
 def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="pick the spoof threshold on a labelled folder and store it with the model",
-                       description="Scores FOLDER/live/** and FOLDER/spoof/** (box files beside the images, else "
+                       description="Scores the images under folders named live and spoof in FOLDER (box files beside the images, else "
                        "--detect, else the whole image), picks the threshold for --target and writes it into the "
                        "model file (meta['threshold'] of a checkpoint, 'threshold' metadata of an ONNX file), "
                        "atomically. predict, the Python API and serve then use it unless given --threshold.")
     p.add_argument("model", help="checkpoint (.pt) or ONNX file")
-    p.add_argument("--data", required=True, help="folder with live/ and spoof/ images from your camera")
+    p.add_argument("--data", required=True, help="folder with images under live/ and spoof/ folders (any depth) from your camera")
     p.add_argument("--target", required=True, help="apcer=RATE (highest threshold with APCER <= RATE), "
                    "bpcer=RATE (lowest threshold with BPCER <= RATE) or eer")
     p.add_argument("--out", help="write the calibrated model here instead of replacing MODEL")

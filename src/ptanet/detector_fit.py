@@ -73,8 +73,11 @@ def fit_detector(data: str | os.PathLike, detect: str, model: str | os.PathLike 
         with_det = predictor.score_crops([prep.crop(im, box_px=c) for im, c in zip(images, corrected)]) if images else []
         same = int(np.sum((np.asarray(with_box) >= predictor.threshold) == (np.asarray(with_det) >= predictor.threshold)))
         # An image without a detected face has no decision: it counts as a disagreement.
+        margin = np.abs(np.asarray(with_box) - predictor.threshold)
         measured.update({"model": Path(model).name, "config": predictor.config, "threshold": predictor.threshold,
                          "same_decision": same / len(test),
+                         # How crowded the scores are at the threshold: there, any crop change flips decisions.
+                         "near_threshold": {str(m): float(np.mean(margin < m)) for m in (0.01, 0.05)} if images else None,
                          "mean_abs_score_change": float(np.mean(np.abs(np.asarray(with_box) - np.asarray(with_det))))
                          if images else None})
     return {"correction": correction.to_dict(),
