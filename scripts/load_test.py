@@ -5,7 +5,9 @@ at a fixed concurrency, stops the server, and prints what it measured.
 
 Printed: requests/s, latency p50/p99, errors (any answer but 200), the server's resident memory
 before and after, and the model-only throughput (the same checks in this process, no HTTP) with the
-ratio of the two. Everything stays on 127.0.0.1; the script ends by itself.
+ratio of the two. The model-only figure is measured before the server starts and after it stops and
+averaged, because a shared machine's speed drifts. Everything stays on 127.0.0.1; the script ends by
+itself.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     cmd = [sys.executable, "-m", "ptanet", "serve", args.model, "--port", str(port), "--detect", args.detect,
            "--workers", str(args.workers), "--queue", str(max(16, 2 * args.concurrency))]
+    alone_before = model_only(args.model, body, args.detect, args.model_runs)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, proc)
@@ -127,13 +130,14 @@ def main() -> int:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    alone = model_only(args.model, body, args.detect, args.model_runs)
+    alone_after = model_only(args.model, body, args.detect, args.model_runs)
+    alone = (alone_before + alone_after) / 2
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
     result = {
         "requests": args.requests, "concurrency": args.concurrency, "errors": errors,
         "requests_per_s": len(latencies) / seconds, "p50_ms": q[49], "p99_ms": q[98],
         "rss_before_mib": before, "rss_after_mib": after, "rss_growth": after / before - 1.0,
-        "model_only_per_s": alone, "service_vs_model_only": (len(latencies) / seconds) / alone,
+        "model_only_per_s": alone, "model_only_before_after": [alone_before, alone_after], "service_vs_model_only": (len(latencies) / seconds) / alone,
     }
     print(json.dumps(result, indent=2))
     return 0 if errors == 0 else 1
