@@ -98,3 +98,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_synth, tmp_path_factory) -> Path:
+    """A PTA checkpoint trained for one epoch on `tiny_synth` at 32x32 (small and quick, never downloaded);
+    per-configuration BatchNorm statistics for LLL and BBB."""
+    import torch
+
+    from ptanet.train.loop import train
+    from ptanet.train.settings import resolve_settings
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    settings = resolve_settings(data=str(tiny_synth), out=str(out / "run"), cache=str(out / "cache"), size=32,
+                                batch_size=4, epochs=1, val_configs=["HHH"], bn_configs=["LLL", "BBB"], bn_images=8,
+                                prepare_workers=0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(settings, progress=False, log=lambda *_: None).best_checkpoint
+    finally:
+        torch.set_num_threads(previous)

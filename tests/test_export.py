@@ -110,7 +110,7 @@ def test_metadata_travels_in_the_file(checkpoint, tmp_path):
     proto = onnx.load(tmp_path / "m.onnx")
     props = {p.key: json.loads(p.value) for p in proto.metadata_props}
     assert props["config"] == "BHL" and props["preprocess"] == PREPROCESS
-    assert props["threshold"] == 0.5 and props["box_scale"] == 1.0
+    assert props["threshold"] is None and props["box_scale"] == 1.0  # none calibrated: consumers use 0.5
     assert props["input"]["shape"] == ["N", 96, 96, 3] and props["input"]["dtype"] == "uint8"
     assert [c["config"] for c in props["configs"]] == ["BHL"] and props["configs"][0]["macs"] > 0
     assert [i.name for i in proto.graph.input] == ["image"]

@@ -13,7 +13,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each _add_* registers one subcommand and sets `func` to its handler.
     for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_cv, _add_recalibrate, _add_evaluate, _add_report,
-                _add_complexity, _add_export, _add_predict, _add_bench, _add_select, _add_demo, _add_nuaa):
+                _add_complexity, _add_export, _add_predict, _add_bench, _add_select, _add_calibrate, _add_fit_detector,
+                _add_serve, _add_demo, _add_nuaa):
         add(sub)
     return parser
 
@@ -291,7 +292,8 @@ def _add_export(sub) -> None:
     p.add_argument("--int8-per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
     p.add_argument("--int8-activation", choices=("U8", "S8"), default="U8", help="activation type (default U8)")
     p.add_argument("--int8-reduce-range", action="store_true", help="7-bit weights (onnxruntime reduce_range)")
-    p.add_argument("--threshold", type=float, default=0.5, help="spoof threshold recorded in the metadata")
+    p.add_argument("--threshold", type=float, help="spoof threshold recorded in the metadata (default: the one "
+                   "ptanet calibrate stored with the checkpoint, else none: consumers use 0.5)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1 (--per-config)")
     p.set_defaults(func=_cmd_export)
@@ -305,7 +307,7 @@ def _cmd_export(args) -> int:
     from ptanet.export import SWITCHABLE_NAME, export_all, export_int8, export_onnx, export_switchable, onnx_filename
     from ptanet.models import is_pta
 
-    if not 0.0 <= args.threshold <= 1.0:
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     ck = load_checkpoint(args.checkpoint)
     if args.int8:
@@ -335,21 +337,42 @@ def _cmd_export(args) -> int:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="live/spoof scores for images (a checkpoint or an exported .onnx)")
+    p = sub.add_parser("predict", help="live/spoof scores for images or videos (a checkpoint or an exported .onnx)",
+                       description="Images: one row each (box file, else the largest detected face, else the whole "
+                       "image). Videos (.avi, .mp4, ...): every --every-th frame is checked, every face of it, "
+                       "printed as one JSON line per frame with a per-track decision over the last --window frames.")
     p.add_argument("model", help="checkpoint (.pt) or ONNX file (static or switchable)")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("images", nargs="+", help="image files, folders or video files")
     p.add_argument("--config", help="PTA configuration to run (default: the model's)")
-    p.add_argument("--detect", help="find the face: haar (bundled with OpenCV) or yunet:PATH.onnx")
+    p.add_argument("--detect", help="find the face: haar (bundled with OpenCV) or yunet:PATH.onnx (videos: default haar)")
     p.add_argument("--no-box-files", action="store_true", help="ignore <image>_BB.txt boxes beside the images")
-    p.add_argument("--threshold", type=float, default=0.5, help="spoof if score >= threshold (default: 0.5)")
+    p.add_argument("--threshold", type=float, help="spoof if score >= threshold (default: the model's stored "
+                   "threshold from ptanet calibrate, else 0.5)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--every", type=int, default=1, help="videos: check every k-th frame (default: 1)")
+    p.add_argument("--window", type=int, default=5, help="videos: a track's decision is the mean score of its "
+                   "last n checked frames (default: 5)")
     _add_format(p)
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_predict(args) -> int:
-    from ptanet.infer import Predictor
+    import json
+    from pathlib import Path
 
+    from ptanet.infer import Predictor
+    from ptanet.liveness import VIDEO_EXTENSIONS, LivenessChecker, check_video
+
+    videos = [v for v in args.images if Path(v).suffix.lower() in VIDEO_EXTENSIONS]
+    images = [v for v in args.images if v not in videos]
+    if videos and images:
+        raise ValueError("give either images or videos, not both (videos print JSON lines)")
+    if videos:
+        checker = LivenessChecker(args.model, detect=args.detect or "haar", config=args.config, threshold=args.threshold)
+        for video in videos:
+            for frame in check_video(checker, video, every=args.every, window=args.window):
+                print(json.dumps(frame), flush=True)
+        return 0
     predictor = Predictor(args.model, config=args.config, detect=args.detect, threshold=args.threshold,
                           box_files=not args.no_box_files)
     rows = predictor.predict_paths(args.images, batch_size=args.batch_size)
@@ -482,6 +505,92 @@ def _cmd_select(args) -> int:
     _print_table(front, SELECT_COLUMNS, args.format, args.out)
     acer = "n/a" if chosen.get("acer") is None else f"{100 * chosen['acer']:.2f} %"
     print(f"chosen: {chosen['config']} ({chosen['latency_ms']:.3f} ms, validation ACER {acer})")
+    return 0
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="pick the spoof threshold on a labelled folder and store it with the model",
+                       description="Scores the images under folders named live and spoof in FOLDER (box files beside the images, else "
+                       "--detect, else the whole image), picks the threshold for --target and writes it into the "
+                       "model file (meta['threshold'] of a checkpoint, 'threshold' metadata of an ONNX file), "
+                       "atomically. predict, the Python API and serve then use it unless given --threshold.")
+    p.add_argument("model", help="checkpoint (.pt) or ONNX file")
+    p.add_argument("--data", required=True, help="folder with images under live/ and spoof/ folders (any depth) from your camera")
+    p.add_argument("--target", required=True, help="apcer=RATE (highest threshold with APCER <= RATE), "
+                   "bpcer=RATE (lowest threshold with BPCER <= RATE) or eer")
+    p.add_argument("--out", help="write the calibrated model here instead of replacing MODEL")
+    p.add_argument("--config", help="PTA configuration to calibrate (default: the model's)")
+    p.add_argument("--detect", help="face detector for images without box files: haar or yunet:PATH.onnx")
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_calibrate(args) -> int:
+    import json
+
+    from ptanet.calibrate import calibrate
+
+    result = calibrate(args.model, args.data, args.target, out=args.out, config=args.config, detect=args.detect)
+    for problem in result.pop("skipped"):
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _add_fit_detector(sub) -> None:
+    p = sub.add_parser("fit-detector", help="fit a face detector's box correction on a data set's train split, "
+                       "measure it on its test split",
+                       description="Pairs the detector's largest face with the data set's box on the train images, "
+                       "fits the correction (least squares) and measures on the test images: box IoU and, with "
+                       "--model, the share of decisions equal to those with the data set's boxes.")
+    p.add_argument("--data", required=True, help="CelebA-layout data root with box files, e.g. ../shared/data/nuaa-dev")
+    p.add_argument("--detect", required=True, help="haar or yunet:PATH.onnx")
+    p.add_argument("--model", help="checkpoint or ONNX file for the decision agreement")
+    p.add_argument("--protocol", default="intra_test")
+    p.add_argument("--write", nargs="?", const="", metavar="FILE",
+                   help="store the fitted correction: in FILE, or without FILE in the package's detectors.json")
+    p.set_defaults(func=_cmd_fit_detector)
+
+
+def _cmd_fit_detector(args) -> int:
+    import json
+
+    from ptanet.detect import parse_detect_spec
+    from ptanet.detector_fit import fit_detector, store_correction
+
+    entry = fit_detector(args.data, args.detect, model=args.model, protocol=args.protocol)
+    print(json.dumps(entry, indent=2))
+    if args.write is not None:
+        path = store_correction(parse_detect_spec(args.detect)[0], entry, args.write or None)
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP liveness service with a web page (needs the [serve] extra)",
+                       description="POST /v1/liveness, GET /v1/configs, PUT /v1/config, /healthz, /readyz, "
+                       "OpenAPI docs at /docs and a web page at /. Stops gracefully on SIGTERM or Ctrl-C.")
+    p.add_argument("model", help="checkpoint (.pt) or ONNX file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--detect", default="haar", help="haar (default) or yunet:PATH.onnx")
+    p.add_argument("--config", help="PTA configuration at start (default: the model's)")
+    p.add_argument("--threshold", type=float, help="default: the model's stored threshold, else 0.5")
+    p.add_argument("--max-body", type=int, default=10 * 1024 * 1024, help="largest request body in bytes (default 10 MiB)")
+    p.add_argument("--max-pixels", type=int, help="largest decoded image in pixels (default: ptanet's limit)")
+    p.add_argument("--queue", type=int, default=16, help="requests in flight or waiting; beyond: 503 (default 16)")
+    p.add_argument("--workers", type=int, default=2, help="threads that decode and check images (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (ONNX models)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    try:
+        from ptanet.serve.app import run_server
+    except ImportError as exc:
+        raise RuntimeError(f"serve needs the [serve] extra (pip install 'ptanet[serve]'): {exc}") from None
+    run_server(args.model, host=args.host, port=args.port, detect=args.detect, config=args.config,
+               threshold=args.threshold, max_body=args.max_body, max_pixels=args.max_pixels, queue=args.queue,
+               workers=args.workers, threads=args.threads)
     return 0
 
 

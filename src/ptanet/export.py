@@ -183,9 +183,11 @@ def _json_props(meta: dict) -> dict[str, str]:
     return {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}
 
 
-def _metadata(config: str | None, src: _Source, arch: dict, size: int, threshold: float,
+def _metadata(config: str | None, src: _Source, arch: dict, size: int, threshold: float | None,
               configs: list[dict]) -> dict:
     prep = Preprocess.from_dict(src.preprocess)
+    if threshold is None and src.checkpoint is not None:  # the threshold ptanet calibrate stored, if any
+        threshold = src.checkpoint.meta.get("threshold")
     return {
         "format": METADATA_FORMAT,
         "format_version": METADATA_VERSION,
@@ -268,7 +270,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     preprocess: dict | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
 ) -> dict:
     """Export one configuration to ``out_path`` and verify it with onnxruntime.
 
@@ -285,7 +287,7 @@ def export_onnx(
 
 
 def _export_static(module: nn.Module, config: str | None, src: _Source, out_path: Path, opset: int,
-                   dynamic_batch: bool, threshold: float = 0.5, crops: tuple[np.ndarray, str] | None = None) -> dict:
+                   dynamic_batch: bool, threshold: float | None = None, crops: tuple[np.ndarray, str] | None = None) -> dict:
     prep = Preprocess.from_dict(src.preprocess)
     wrapped = Deployable(module, prep).eval()
     proto = onnx.load_from_string(_to_onnx_bytes(wrapped, prep.size, opset, dynamic_batch))
@@ -333,7 +335,7 @@ def export_all(
     configs: Iterable[str] | str | None = None,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
-    threshold: float = 0.5,
+    threshold: float | None = None,
 ) -> dict:
     """Export one ``.onnx`` per configuration into ``out_dir`` plus ``manifest.json``.
 
@@ -480,7 +482,7 @@ def export_switchable(
     out_path: str | os.PathLike,
     configs: Iterable[str] | str | None = None,
     opset: int = DEFAULT_OPSET,
-    threshold: float = 0.5,
+    threshold: float | None = None,
 ) -> dict:
     """Export several configurations into one ``.onnx`` file that switches between them at run time.
 

@@ -32,6 +32,18 @@ from ptanet.preprocess import (IMAGE_EXTENSIONS, EmptyBoxError, ImageReadError, 
 from ptanet.runtime import DeployedModel
 
 ONNX_SUFFIX = ".onnx"
+DEFAULT_THRESHOLD = 0.5
+
+
+def stored_threshold(value, where: str) -> float | None:
+    """The spoof threshold a model file carries (``ptanet calibrate`` writes ``{value, rule, data, n}``
+    into a checkpoint's meta; an ONNX export may carry it in its metadata, as that dict or a number)."""
+    if value is None:
+        return None
+    number = value.get("value") if isinstance(value, dict) else value
+    if not (isinstance(number, (int, float)) and math.isfinite(number) and 0.0 <= number <= 1.0):
+        raise ValueError(f"{where}: stored threshold {value!r} is not a number in [0, 1]")
+    return float(number)
 
 
 class _TorchBackend:
@@ -41,6 +53,8 @@ class _TorchBackend:
         ck = load_checkpoint(path)
         self.path, self.model, self.preprocess, self.labels = path, ck.model, ck.preprocess, ck.labels
         self.scorer = SpoofScorer(self.model).eval()
+        self.meta = ck.meta
+        self.stored_threshold = stored_threshold(ck.meta.get("threshold"), str(path))
         if config is not None:
             self.set_config(config)
 
@@ -73,6 +87,7 @@ class _OnnxBackend:
             Preprocess.from_dict(self.preprocess)
         except (TypeError, ValueError) as exc:  # metadata from a newer ptanet or edited by hand
             raise ValueError(f"{path}: {exc}") from None
+        self.stored_threshold = stored_threshold(self.model.meta.get("threshold"), str(path))
         if config is not None:
             self.set_config(config)
 
@@ -105,12 +120,14 @@ class Predictor:
     ``"yunet:/path/model.onnx"``, used for images without a box file. ``box_files=False`` ignores
     ``<stem>_BB.txt`` files. ``threads``: onnxruntime threads (ONNX only; PyTorch keeps its own
     setting, which is process-wide). An image is labelled spoof iff its score >= ``threshold``, as in
-    ``ptanet.metrics``.
+    ``ptanet.metrics``; ``threshold=None`` takes the one stored with the model (``ptanet calibrate``),
+    else 0.5 (``threshold_source`` says which: "given", "stored" or "default").
     """
 
     def __init__(self, model_path: str | os.PathLike, config: str | None = None, detect: str | None = None,
-                 threshold: float = 0.5, box_files: bool = True, threads: int = 1) -> None:
-        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+                 threshold: float | None = None, box_files: bool = True, threads: int = 1) -> None:
+        if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+                                          and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be a number in [0, 1] (scores are probabilities), got {threshold!r}")
         path = Path(model_path)
         if path.suffix.lower() == ONNX_SUFFIX:
@@ -120,7 +137,13 @@ class Predictor:
         self.model_path = path
         self.preprocess = Preprocess.from_dict(self._backend.preprocess)
         self.labels: dict[int, str] = self._backend.labels
-        self.threshold = float(threshold)
+        stored = getattr(self._backend, "stored_threshold", None)
+        if threshold is not None:
+            self.threshold, self.threshold_source = float(threshold), "given"
+        elif stored is not None:
+            self.threshold, self.threshold_source = stored, "stored"
+        else:
+            self.threshold, self.threshold_source = DEFAULT_THRESHOLD, "default"
         self.detect = detect
         self.box_files = box_files
         self._detector = make_detector(detect) if detect is not None else None
@@ -175,13 +198,19 @@ class Predictor:
         row["box_px"], row["box_source"] = tuple(int(v) for v in box_px), source
         return row, crop
 
+    def score_crops(self, crops: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """Spoof scores of face crops already cut by ``self.preprocess.crop`` (uint8, N x size x size x 3)."""
+        return self._backend.scores(np.stack(list(crops)))  # uint8: each backend normalises as its model does
+
     def _score(self, rows: list[dict], crops: list[np.ndarray]) -> None:
         if not crops:
             return
-        scores = self._backend.scores(np.stack(crops))
+        scores = self.score_crops(crops)
         for row, score in zip(rows, scores):
+            # In float64: numpy would compare a float32 score with the threshold rounded to float32, and
+            # a calibrated threshold just above a score would then equal it.
             row["score"] = float(score)
-            row["label"] = self.labels[1] if score >= self.threshold else self.labels[0]
+            row["label"] = self.labels[1] if row["score"] >= self.threshold else self.labels[0]
 
     # --- public API -----------------------------------------------------------------------------
     def predict_image(self, image: str | os.PathLike | np.ndarray,

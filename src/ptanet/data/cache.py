@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ptanet.atomic import write_json_atomic
 from ptanet.data.celeba import Item, Skipped, count_summary
-from ptanet.detect import make_detector, parse_detect_spec
+from ptanet.detect import correction_for, make_detector, parse_detect_spec
 from ptanet import preprocess as _preprocess
 from ptanet.preprocess import (EmptyBoxError, ImageReadError, ImageTooLargeError, NoFaceError, Preprocess, Reason,
                                choose_box, read_image_rgb)
@@ -72,9 +72,12 @@ def bytes_on_disk(folder: str | os.PathLike) -> int:
 
 def source_fingerprint(items: list[Item], preprocess: Preprocess, detect: str | None) -> str:
     """Hash of everything a cache's content depends on: each item's path, label, subject and box, its
-    file's size and mtime (a replaced image changes them), the preprocess settings and the detector."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "preprocess": preprocess.to_dict(),
-                                   "detect": detect}, sort_keys=True).encode())
+    file's size and mtime (a replaced image changes them), the preprocess settings and the detector with
+    its box correction (a refitted correction moves every detected crop)."""
+    settings = {"format": FORMAT_VERSION, "preprocess": preprocess.to_dict(), "detect": detect}
+    if detect:  # only then: caches cropped with box files keep their fingerprint
+        settings["correction"] = correction_for(parse_detect_spec(detect)[0]).to_dict()
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for item in items:
         try:
             st = os.stat(item.path)
