@@ -210,7 +210,8 @@ def test_resume_under_ddp_gives_the_uninterrupted_weights(tiny_synth, tmp_path):
     assert b.train_state["epoch"] == 2 and [h["epoch"] for h in b.train_state["history"]] == [1, 2]
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert runs[0][0]["configs"][3:] == runs[2][0]["configs"] == runs[2][1]["configs"]  # epoch 2's draws
+    per_epoch = len(runs[0][0]["configs"]) // 2
+    assert runs[0][0]["configs"][per_epoch:] == runs[2][0]["configs"] == runs[2][1]["configs"]  # epoch 2's draws
 
 
 @pytest.mark.slow
@@ -263,3 +264,26 @@ def test_prediction_and_recalibration_on_cuda_match_the_cpu(tiny_synth, tmp_path
         gpu_scores, gpu_loss = predict(gpu_model, dataset)
         torch.testing.assert_close(torch.as_tensor(gpu_scores), torch.as_tensor(cpu_scores), rtol=1e-3, atol=1e-4)
     assert resolve_precision("auto", torch.device("cuda")) in (torch.bfloat16, torch.float16)
+
+
+# --- the training-speed benchmark ------------------------------------------------------------------
+def test_bench_train_measures_every_part_for_both_models(tiny_synth, tmp_path, capsys, one_torch_thread):
+    from ptanet.cli import main
+
+    settings = resolve_settings(**ddp_settings(tiny_synth, tmp_path / "b"))
+    load_data(settings, progress=False)
+    out = tmp_path / "speed"
+    assert main(["bench-train", str(settings.cache_dir / "train"), "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                 "--repeats", "1", "--device", "cpu", "--epoch-images", "1000", "--out", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["model"], r["part"]) for r in rows] == [("(any)", "loader")] + [
+        (m, p) for m in ("PTA (Table 2 sampling)", "No PTA") for p in ("model", "both")]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["epoch_min"] == pytest.approx(1000 / r["images_per_s"] / 60)
+        assert (r["device"], r["processes"], r["batch_size"], r["precision"]) == ("cpu", 1, 4, "fp32")
+    pta = {r["part"]: r for r in rows if r["model"].startswith("PTA")}
+    no_pta = {r["part"]: r for r in rows if r["model"] == "No PTA"}
+    assert pta["both"]["ratio"] == pytest.approx(no_pta["both"]["images_per_s"] / pta["both"]["images_per_s"])
+    assert "| PTA (Table 2 sampling) | model |" in capsys.readouterr().out
