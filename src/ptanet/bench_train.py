@@ -27,6 +27,7 @@ from ptanet.train import distributed
 from ptanet.train.device import Precision, default_workers, loader_options, resolve_precision, to_device
 
 MODELS = {"PTA (Table 2 sampling)": "pta_mobilenet_v2", "No PTA": "mobilenet_v2"}
+MODEL_NAMES = {"pta": "PTA (Table 2 sampling)", "no-pta": "No PTA"}
 PARTS = ("loader", "model", "both")
 BENCH_TRAIN_COLUMNS = [
     ("model", "Model", "str"), ("part", "Measured", "str"), ("images_per_s", "Images/s", "f2"),
@@ -57,9 +58,15 @@ def _batches(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def bench_train(cache: CropCache, batch_size: int = 256, steps: int = 20, warmup: int = 5, repeats: int = 3,
                 workers: int | None = None, device: str = "auto", precision: str = "auto", compile: bool = False,
                 ddp_unused: str = "zero", epoch_images: int | None = None, seed: int = 0,
+                parts: tuple[str, ...] = PARTS, models: tuple[str, ...] = tuple(MODEL_NAMES),
                 progress=print) -> list[dict]:
-    """Rows per model and part (see the module doc): images/s over all processes and minutes per epoch of
-    ``epoch_images`` images (default: the cache's size); ``ratio`` on PTA's rows is its time over No PTA's."""
+    """Rows per model (``pta``, ``no-pta``) and part (see the module doc): images/s over all processes and
+    minutes per epoch of ``epoch_images`` images (default: the cache's size); ``ratio`` on PTA's rows is
+    its time over No PTA's."""
+    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(models) - set(MODEL_NAMES))
+    if unknown or not parts or not models:
+        raise ValueError(f"bench-train measures parts of {list(PARTS)} for models of {list(MODEL_NAMES)}; "
+                         f"got {unknown or 'none'}")
     dist = distributed.start(device)
     try:
         dev = dist.device
@@ -87,8 +94,10 @@ def bench_train(cache: CropCache, batch_size: int = 256, steps: int = 20, warmup
             (total,) = dist.sum(torch.tensor(statistics.median(rates), dtype=torch.float64, device=dev))
             return float(total)
 
-        rows = [{"model": "(any)", "part": "loader", "images_per_s": measure(loader_steps)}]
+        rows = [{"model": "(any)", "part": "loader", "images_per_s": measure(loader_steps)}] if "loader" in parts else []
         for label, arch in MODELS.items():
+            if label not in {MODEL_NAMES[m] for m in models} or parts == ("loader",):
+                continue
             torch.manual_seed(seed)
             model = to_fast_layout(create_model(arch)).to(dev).train()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -126,16 +135,18 @@ def bench_train(cache: CropCache, batch_size: int = 256, steps: int = 20, warmup
                     yield per_rank
 
             for part, make in (("model", model_steps), ("both", both_steps)):
+                if part not in parts:
+                    continue
                 progress(f"bench-train: {label}, {part} ...")
                 rows.append({"model": label, "part": part, "images_per_s": measure(make)})
         no_pta = {r["part"]: r["images_per_s"] for r in rows if r["model"] == "No PTA"}
         for row in rows:
             row["epoch_min"] = images_per_epoch / row["images_per_s"] / 60
-            if row["model"] == next(iter(MODELS)):
+            if row["model"] == next(iter(MODELS)) and row["part"] in no_pta:
                 row["ratio"] = no_pta[row["part"]] / row["images_per_s"]  # time PTA / time No PTA
             row.update(device=str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                        processes=dist.world_size, batch_size=batch_size, workers=workers, precision=prec.name,
-                       compile=compile, epoch_images=images_per_epoch)
+                       compile=compile, epoch_images=images_per_epoch, ddp_unused=ddp_unused)
         return rows
     finally:
         dist.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ptanet.train.settings import add_setting_arguments, setting_overrides
@@ -161,14 +162,14 @@ def _add_bench_train(sub) -> None:
     p.add_argument("--ddp-unused", choices=("zero", "find"), default="zero", help="under torchrun, see ptanet train")
     p.add_argument("--epoch-images", type=int,
                    help="images per epoch for the minutes column (default: the cache's; CelebA-Spoof: about 494000)")
+    p.add_argument("--parts", default="loader,model,both", help="what to measure (default: loader,model,both)")
+    p.add_argument("--models", default="pta,no-pta", help="which models (default: pta,no-pta)")
     p.add_argument("--out", help="also write OUT.md, OUT.json and OUT.csv")
     _add_format(p)
     p.set_defaults(func=_cmd_bench_train)
 
 
 def _cmd_bench_train(args) -> int:
-    import os
-
     from ptanet.bench_train import BENCH_TRAIN_COLUMNS, bench_train
     from ptanet.data import CropCache
 
@@ -176,9 +177,11 @@ def _cmd_bench_train(args) -> int:
     rows = bench_train(CropCache(args.cache), batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                        repeats=args.repeats, workers=args.workers, device=args.device, precision=args.precision,
                        compile=args.compile, ddp_unused=args.ddp_unused, epoch_images=args.epoch_images,
+                       parts=tuple(args.parts.split(",")), models=tuple(args.models.split(",")),
                        progress=(lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None))
     if main_rank:
         r = rows[0]
+        print(f"{r['ddp_unused']} unused branches, " if r["processes"] > 1 else "", end="", file=sys.stderr)
         print(f"{r['device']}, {r['processes']} process(es), batch {r['batch_size']}, {r['workers']} workers, "
               f"{r['precision']}{', compiled' if r['compile'] else ''}; epoch of {r['epoch_images']} images",
               file=sys.stderr)
@@ -205,7 +208,8 @@ def _cmd_train(args) -> int:
 
     settings = resolve_settings(args.config_file, **{**setting_overrides(args), "data": args.data})
     result = loop.train(settings, resume=args.resume)
-    print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run
+        print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
 
 

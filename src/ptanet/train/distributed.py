@@ -22,6 +22,7 @@ What keeps the ranks one run:
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from ptanet.blocks import PTABlock
 from ptanet.train.device import resolve_device
 
 UNUSED_MODES = ("zero", "find")
+GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass
@@ -96,7 +98,9 @@ def start(device_setting: str) -> Distributed:
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Generous: the other ranks wait at a barrier while rank 0 validates, or while each node's first
+        # process builds a missing crop cache (run `ptanet prepare` first for a large data set).
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=GROUP_TIMEOUT)
     return Distributed(rank, world, local_rank, local_world, owns, device)
 
 
