@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ptanet.train.settings import add_setting_arguments, setting_overrides
@@ -12,7 +13,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptanet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each _add_* registers one subcommand and sets `func` to its handler.
-    for add in (_add_synth, _add_prepare, _add_bench_data, _add_train, _add_cv, _add_recalibrate, _add_evaluate, _add_report,
+    for add in (_add_synth, _add_prepare, _add_bench_data, _add_bench_train, _add_train, _add_cv, _add_recalibrate, _add_evaluate, _add_report,
                 _add_complexity, _add_export, _add_predict, _add_bench, _add_select, _add_calibrate, _add_fit_detector,
                 _add_serve, _add_demo, _add_nuaa):
         add(sub)
@@ -149,6 +150,50 @@ def _cmd_bench_data(args) -> int:
     return 0
 
 
+def _add_bench_train(sub) -> None:
+    p = sub.add_parser("bench-train", help="training images/s of PTA and No PTA: loader alone, model alone, both",
+                       description="Training speed on this device and process count (also under torchrun), "
+                       "PTA with Table 2 sampling against No PTA on the same data and batch; the PTA / No PTA "
+                       "time ratio is paper Table 5's (0.875 on a GTX 1050 Ti).")
+    p.add_argument("cache", help="a cache folder written by prepare (e.g. runs/cache/nuaa-dev/train)")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch (default: 256)")
+    p.add_argument("--steps", type=int, default=20, help="steps per timed window (default: 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported (default: 3)")
+    p.add_argument("--workers", type=int, help="DataLoader workers per process (default: as ptanet train)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--ddp-unused", choices=("zero", "find"), default="zero", help="under torchrun, see ptanet train")
+    p.add_argument("--epoch-images", type=int,
+                   help="images per epoch for the minutes column (default: the cache's; CelebA-Spoof: about 494000)")
+    p.add_argument("--parts", default="loader,model,both", help="what to measure (default: loader,model,both)")
+    p.add_argument("--models", default="pta,no-pta", help="which models (default: pta,no-pta)")
+    p.add_argument("--out", help="also write OUT.md, OUT.json and OUT.csv")
+    _add_format(p)
+    p.set_defaults(func=_cmd_bench_train)
+
+
+def _cmd_bench_train(args) -> int:
+    from ptanet.bench_train import BENCH_TRAIN_COLUMNS, bench_train
+    from ptanet.data import CropCache
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    rows = bench_train(CropCache(args.cache), batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                       repeats=args.repeats, workers=args.workers, device=args.device, precision=args.precision,
+                       compile=args.compile, ddp_unused=args.ddp_unused, epoch_images=args.epoch_images,
+                       parts=tuple(args.parts.split(",")), models=tuple(args.models.split(",")),
+                       progress=(lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None))
+    if main_rank:
+        r = rows[0]
+        print(f"{r['ddp_unused']} unused branches, " if r["processes"] > 1 else "", end="", file=sys.stderr)
+        print(f"{r['device']}, {r['processes']} process(es), batch {r['batch_size']}, {r['workers']} workers, "
+              f"{r['precision']}{', compiled' if r['compile'] else ''}; epoch of {r['epoch_images']} images",
+              file=sys.stderr)
+        _print_table(rows, BENCH_TRAIN_COLUMNS, args.format, args.out)
+    return 0
+
+
 # --- training and evaluation --------------------------------------------------------------------
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train PTA-MobileNetV2 (or the No PTA baseline) with the paper's recipe",
@@ -180,7 +225,8 @@ def _cmd_train(args) -> int:
 
     settings = loop.run_settings(args.config_file, args.resume, **{**setting_overrides(args), "data": args.data})
     result = loop.train(settings, resume=args.resume)
-    print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run
+        print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
     return 0
 
 

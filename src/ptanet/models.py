@@ -248,6 +248,16 @@ class PTAMobileNetV2(MobileNetV2):
         """The BatchNorm layers whose statistics depend on the configuration, by name."""
         return dict(self._adaptive_bns)
 
+    def _apply(self, fn, recurse: bool = True):
+        # Stored statistics are plain tensors, not buffers: move them with the model (.to("cuda"), ...)
+        # and reinstall the active ones, so that set_config never mixes devices.
+        super()._apply(fn, recurse)
+        if self._shared_bn is not None:
+            self._shared_bn = {n: (fn(m), fn(v)) for n, (m, v) in self._shared_bn.items()}
+            self._bn_stats = {c: {n: (fn(m), fn(v)) for n, (m, v) in s.items()} for c, s in self._bn_stats.items()}
+            self.set_config(self._config)
+        return self
+
     @contextlib.contextmanager
     def _shared_bn_installed(self) -> Iterator[None]:
         if self._shared_bn is None:

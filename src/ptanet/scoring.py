@@ -21,13 +21,16 @@ VAL_METRICS = ("accuracy", "apcer", "bpcer", "acer", "auc", "eer")
 # --- prediction ------------------------------------------------------------------------------------
 @torch.inference_mode()
 def predict(model: MobileNetV2, dataset: CropDataset, batch_size: int = 128) -> tuple[np.ndarray, float]:
-    """Spoof scores (softmax probability of class 1) for every item, and the mean cross-entropy."""
+    """Spoof scores (softmax probability of class 1) for every item, and the mean cross-entropy;
+    computed on the model's device (fp32), with pinned memory and non-blocking copies on CUDA."""
     to_fast_layout(model).eval()
+    device = next(model.parameters()).device
     scores, loss_sum = [], 0.0
-    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = model(images.contiguous(memory_format=CHANNELS_LAST))
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        scores.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda"):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=CHANNELS_LAST)
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
+        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
     return np.concatenate(scores) if scores else np.zeros(0), loss_sum / max(1, len(dataset))
 
 

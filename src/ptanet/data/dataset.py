@@ -34,7 +34,7 @@ class CropDataset(Dataset):
 
     def __init__(self, cache: CropCache, preprocess: Preprocess, augment: bool = False, seed: int = 0,
                  indices: Iterable[int] | None = None, hflip: bool = False, affine: bool = False,
-                 zoom: float = 1.0) -> None:
+                 zoom: float = 1.0, stream: int = 0) -> None:
         if preprocess.size != cache.crops.shape[1]:
             raise ValueError(f"{cache.cache_dir}: crops are {cache.crops.shape[1]}px but preprocess.size "
                              f"is {preprocess.size}; prepare a cache with the same size")
@@ -45,6 +45,8 @@ class CropDataset(Dataset):
         self.cache, self.preprocess, self.augment, self.seed = cache, preprocess, augment, seed
         # parts of the augmentation: ignored when augment is False
         self.hflip, self.affine, self.zoom = hflip, affine, zoom
+        # Another random stream per torchrun rank (0: a single process's, unchanged).
+        self.stream = stream
         self.indices = (np.arange(len(cache)) if indices is None
                         else np.asarray(list(indices), dtype=np.int64))
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(cache)):
@@ -65,7 +67,8 @@ class CropDataset(Dataset):
         worker = info.id if info is not None else -1
         key = (os.getpid(), worker, self.epoch)
         if self._augmenter_key != key:
-            seed = np.random.SeedSequence([self.seed, self.epoch, worker + 1]).generate_state(1)[0]
+            entropy = [self.seed, self.epoch, worker + 1] + ([self.stream] if self.stream else [])
+            seed = np.random.SeedSequence(entropy).generate_state(1)[0]
             self._augmenter, self._augmenter_key = make_train_augment(
                 seed=int(seed), hflip=self.hflip, affine=self.affine, zoom=self.zoom, size=self.preprocess.size), key
         return self._augmenter

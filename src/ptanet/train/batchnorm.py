@@ -26,11 +26,12 @@ from ptanet.train.settings import load_data, resolve_settings
 
 @torch.no_grad()
 def recalibrate_bn(model: PTAMobileNetV2, dataset: CropDataset, configs: Iterable[str], num_images: int = 1000,
-                   batch_size: int = 64, seed: int = 0, progress: bool = True) -> None:
+                   batch_size: int = 64, seed: int = 0, progress: bool = True,
+                   device: torch.device | str | None = None) -> None:
     """Re-estimate, for each configuration, the running statistics of every configuration-dependent
     BatchNorm on ``num_images`` crops of ``dataset`` (augmented or not as the dataset says): reset,
     then a cumulative average in train mode, without gradients. Layers before the first PTA block keep
-    their trained statistics.
+    their trained statistics. ``device`` (default: the model's) is where the passes run.
     """
     model.clear_bn_stats()
     bns = model.adaptive_bns
@@ -39,6 +40,9 @@ def recalibrate_bn(model: PTAMobileNetV2, dataset: CropDataset, configs: Iterabl
     batches = [torch.stack([dataset[int(i)][0] for i in idx[s : s + batch_size]]).contiguous(memory_format=CHANNELS_LAST)
                for s in range(0, len(idx), batch_size)]
     to_fast_layout(model)
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
     saved = {n: (bn.momentum, bn.num_batches_tracked.clone()) for n, bn in bns.items()}
     active = model.config
     model.eval()
@@ -52,7 +56,7 @@ def recalibrate_bn(model: PTAMobileNetV2, dataset: CropDataset, configs: Iterabl
                 bn.num_batches_tracked.zero_()
                 bn.train()
             for images in batches:
-                model(images)
+                model(images.to(device, non_blocking=True))
             for bn in bns.values():
                 bn.eval()
     finally:
@@ -64,7 +68,8 @@ def recalibrate_bn(model: PTAMobileNetV2, dataset: CropDataset, configs: Iterabl
 
 
 def recalibrate_and_save(ck: Checkpoint, path: Path, train_cache: CropCache, configs: list[str], num_images: int,
-                         augment: bool, seed: int, progress: bool, log, zoom: float = 1.0) -> None:
+                         augment: bool, seed: int, progress: bool, log, zoom: float = 1.0,
+                         device: torch.device | str | None = None) -> None:
     """Recalibrate ``ck``'s model on ``train_cache`` and write it to ``path``, recording how."""
     log(f"re-estimating BatchNorm statistics for {len(configs)} configurations on {num_images} "
         f"{'augmented' if augment else 'plain'} training crops")
@@ -73,8 +78,9 @@ def recalibrate_and_save(ck: Checkpoint, path: Path, train_cache: CropCache, con
     crops = CropDataset(train_cache, Preprocess.from_dict(ck.preprocess), augment=augment, hflip=True, seed=seed,
                         zoom=zoom)
     active = ck.model.config
-    recalibrate_bn(ck.model, crops, configs, num_images, seed=seed, progress=progress)
+    recalibrate_bn(ck.model, crops, configs, num_images, seed=seed, progress=progress, device=device)
     ck.model.set_config(active)
+    ck.model.cpu()  # a checkpoint holds CPU tensors, whatever device computed them
     meta = {**ck.meta, "bn_recalibration": {"configs": list(configs), "images": num_images, "augment": augment,
                                             "zoom": zoom if augment else 1.0}}
     save_checkpoint(path, ck.model, ck.preprocess, meta=meta)

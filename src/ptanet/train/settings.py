@@ -76,7 +76,8 @@ class TrainSettings:
 
     # --- optimisation ---------------------------------------------------------------------------
     epochs: int = option(20, "epochs (more may be given when resuming)", safe_on_resume=True)
-    batch_size: int = option(32, "images per step")
+    # Global: torchrun's N processes take batch_size / N each, so the recipe (and lr) stays the paper's.
+    batch_size: int = option(32, "images per step, over all processes under torchrun (each takes batch_size / N)")
     lr: float = option(1e-4, "Adam learning rate")
     augment: bool = option(True, "colour jitter + ISO noise (the paper's augmentations)", flag="--no-augment")
     hflip: bool = option(False, "add a random horizontal flip to the augmentations (not in the paper)")
@@ -116,8 +117,23 @@ class TrainSettings:
     # Safe on resume: a run folder moved or renamed is the same run.
     out: str = option("runs/train", "run folder: settings.json, history.jsonl, last.pt, best.pt", "output",
                       safe_on_resume=True)
-    workers: int = option(0, "DataLoader workers (the cache is read >10x faster than training, so 0 is enough)",
-                          "output", safe_on_resume=True)
+    workers: int | None = option(None, "DataLoader workers per process (default: 0 on the CPU, where the cache is "
+                                       "read >10x faster than training; on CUDA the cores per process less one, "
+                                       "at most 8)", "output", type=int, safe_on_resume=True)
+    # --- execution: how and where a run computes (devices, mixed precision, torchrun) ----------------
+    device: str = option("auto", "where to train: auto (CUDA when present), cpu or cuda", "output",
+                         choices=("auto", "cpu", "cuda"), safe_on_resume=True)
+    precision: str = option("auto", "on CUDA: auto = bf16 autocast where the GPU supports it, else fp16 with a "
+                                    "gradient scaler; fp32 turns mixed precision off. The CPU trains in fp32",
+                            "output", choices=("auto", "fp32", "bf16", "fp16"), safe_on_resume=True)
+    compile: bool = option(False, "torch.compile the model (CUDA; the first steps of each configuration compile)",
+                           "output", safe_on_resume=True)
+    prefetch: int = option(4, "batches each DataLoader worker loads ahead (CUDA)", "output", safe_on_resume=True)
+    # Measured in README "Training at scale": both give the same weights.
+    ddp_unused: str = option("zero", "under torchrun, how branches a configuration leaves out are synchronised: "
+                                     "zero (a zero-valued loss term over them, then no step for them) or find "
+                                     "(DistributedDataParallel's find_unused_parameters)", "output",
+                             choices=("zero", "find"), safe_on_resume=True)
     max_batches: int | None = option(None, "cap on batches per epoch (quick runs and tests)", "output", type=int)
 
     def __post_init__(self) -> None:
@@ -146,7 +162,9 @@ class TrainSettings:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
         if not self.zoom >= 1.0:
             raise ValueError(f"zoom must be >= 1 (1 is off), got {self.zoom!r}")
-        for name in ("epochs", "batch_size", "size"):
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        for name in ("epochs", "batch_size", "size", "prefetch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         self.preprocess  # raises on a bad box_scale now, not when the data is first read
