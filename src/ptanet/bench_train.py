@@ -116,13 +116,7 @@ def bench_train(cache: CropCache, batch_size: int = 256, steps: int = 20, warmup
                     model.set_config(configs.sample())
                 with prec.autocast():
                     logits = net(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                prec.scaler.scale(unused.loss(loss) if unused else loss).backward()
-                if unused:
-                    unused.drop_zero_grads()
-                prec.scaler.step(optimizer)
-                prec.scaler.update()
+                prec.step(F.cross_entropy(logits.float(), labels), optimizer, unused)
 
             def model_steps():
                 while True:

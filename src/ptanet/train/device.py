@@ -83,6 +83,17 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, unused=None) -> None:
+        """One optimisation step: zero the gradients, backward through the (scaled) loss, step.
+        ``unused`` (distributed.UnusedBranches) adds its zero term for the branches left out under DDP
+        and drops their zero gradients, so that Adam does not move them."""
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(unused.loss(loss) if unused else loss).backward()
+        if unused:
+            unused.drop_zero_grads()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
 
 def loader_options(device: torch.device, workers: int, prefetch: int) -> dict:
     """DataLoader keyword arguments for ``device``: pinned memory (so that host-to-GPU copies can be

@@ -327,12 +327,7 @@ def _train(settings: TrainSettings, resume: bool, progress: bool, log, dist: dis
                         f"epoch {epoch}, batch {step + 1}{f' ({config})' if config else ''}: loss is {loss.item()}"
                         f"{'' if dist.world_size == 1 else ' on some process'}; training stopped. {last_path} holds "
                         "the last finished epoch; lower --lr or check the data.")
-            optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(unused.loss(loss) if unused else loss).backward()
-            if unused:
-                unused.drop_zero_grads()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
+            precision.step(loss, optimizer, unused)
             if ema is not None:
                 ema.update_parameters(model)
             seen += len(labels)
