@@ -34,7 +34,12 @@ def test_cross_validation_scores_each_person_with_the_model_that_did_not_see_the
                                 val_configs=["HHH"], bn_configs=["LLL"], bn_images=8, prepare_workers=0,
                                 val_split="random")
     quiet = dict(progress=False, log=lambda *_: None)
-    result = cv.cross_validate(settings, tmp_path / "cv", k=3, configs=["HHH", "LLL"], **quiet)
+    # Folds shared by two calls (as two processes would): the first leaves the summary to the last.
+    first = cv.cross_validate(settings, tmp_path / "cv", k=3, configs=["HHH", "LLL"], only=[0], **quiet)
+    assert first["rows"] is None and first["pending"] == ["seed 0 fold 1", "seed 0 fold 2"]
+    assert not (tmp_path / "cv" / "cv.md").exists()
+    result = cv.cross_validate(settings, tmp_path / "cv", k=3, configs=["HHH", "LLL"], only=[1, 2], **quiet)
+    assert result["pending"] == []
     records = result["records"]
     whole = load_data(settings, progress=False)
     held = [s for r in records for s in r["holdout_subjects"]]
@@ -63,3 +68,79 @@ def test_cross_validation_scores_each_person_with_the_model_that_did_not_see_the
     monkeypatch.setattr(cv, "train", lambda *a, **k: pytest.fail("a finished fold was trained again"))
     again = cv.cross_validate(settings, tmp_path / "cv", k=3, configs=["HHH", "LLL"], **quiet)
     assert again["rows"] == result["rows"]
+
+
+def _fake_cv(folder, models=("PTA-HHH", "PTA-LLL"), seed=3):
+    """An oof_scores.json as ptanet cv writes it: two folds, scores where each configuration's EER point differs."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for fold in range(2):
+        labels = [0] * 20 + [1] * 20
+        scores = {m: (np.r_[rng.uniform(0, 0.3 + 0.2 * k, 20), rng.uniform(0.2 + 0.2 * k, 1, 20)]).tolist()
+                  for k, m in enumerate(models)}
+        records.append({"seed": 0, "fold": fold, "labels": labels, "scores": scores, "subjects": ["a"] * 40})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "oof_scores.json").write_text(json.dumps(records))
+    return records
+
+
+def test_cv_threshold_is_the_pooled_out_of_fold_threshold_per_configuration(tmp_path):
+    from ptanet.calibrate import pick_threshold
+
+    records = _fake_cv(tmp_path / "cv")
+    labels = np.concatenate([r["labels"] for r in records])
+    for target in ("eer", "bpcer=0.05"):
+        record = cv.cv_threshold(tmp_path / "cv", target)
+        for model in ("PTA-HHH", "PTA-LLL"):
+            pooled = np.concatenate([r["scores"][model] for r in records])
+            assert record["per_config"][model[4:]] == pick_threshold(pooled, labels, target)
+        assert record["value"] == record["per_config"]["HHH"] and record["n"] == 80 and record["rule"] == target
+    assert cv.cv_threshold(tmp_path / "cv")["per_config"]["HHH"] != cv.cv_threshold(tmp_path / "cv")["per_config"]["LLL"]
+    with pytest.raises(FileNotFoundError, match="no out-of-fold scores"):
+        cv.cv_threshold(tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "oof_scores.json").write_text("[{}]")
+    with pytest.raises(ValueError, match="not the out-of-fold scores"):
+        cv.cv_threshold(tmp_path / "bad")
+
+
+def test_stored_cv_threshold_round_trips_through_checkpoint_evaluate_export_and_runtime(tiny_model, tmp_path):
+    import shutil
+
+    from ptanet.evaluate import evaluate_checkpoints
+    from ptanet.export import export_switchable
+    from ptanet.infer import Predictor
+    from ptanet.runtime import DeployedModel
+
+    _fake_cv(tmp_path / "cv")
+    model = tmp_path / "best.pt"
+    shutil.copy(tiny_model, model)
+    record = cv.store_cv_threshold(model, tmp_path / "cv", log=lambda *_: None)
+    hhh, lll = record["per_config"]["HHH"], record["per_config"]["LLL"]
+    assert load_checkpoint(model).meta["threshold"] == record
+    predictor = Predictor(model)
+    assert (predictor.config, predictor.threshold, predictor.threshold_source) == ("HHH", hhh, "stored")
+    assert predictor.set_config("LLL").threshold == lll
+    assert predictor.set_config("BBB").threshold == hhh  # not cross-validated: the selection configuration's
+    assert Predictor(model, threshold=0.4).set_config("LLL").threshold == 0.4
+
+    rows = evaluate_checkpoints([model], ["HHH", "LLL"], progress=False, log=lambda *_: None)
+    stored = {r["config"]: r for r in rows if r["threshold_rule"] == "stored" and r["bn"] == "recalibrated"}
+    assert stored["HHH"]["threshold"] == hhh and stored["LLL"]["threshold"] == lll
+    assert "out-of-fold scores" in stored["LLL"]["threshold_from"]
+
+    onnx_path = export_switchable(model, tmp_path / "deploy" / "model.onnx", configs=["HHH", "LLL", "BBB"])["path"]
+    deployed = DeployedModel(onnx_path)
+    assert deployed.set_config("HHH").threshold == hhh and deployed.set_config("LLL").threshold == lll
+    assert deployed.set_config("BBB").threshold == hhh
+    assert Predictor(onnx_path, config="LLL").threshold == lll
+
+
+def test_cv_threshold_of_another_architecture_is_refused(tiny_model, tmp_path):
+    import shutil
+
+    _fake_cv(tmp_path / "cv", models=("No PTA",))
+    shutil.copy(tiny_model, tmp_path / "best.pt")
+    with pytest.raises(ValueError, match="same architecture"):
+        cv.store_cv_threshold(tmp_path / "best.pt", tmp_path / "cv", log=lambda *_: None)
+    assert "threshold" not in load_checkpoint(tmp_path / "best.pt").meta

@@ -22,6 +22,7 @@ from ptanet.data import CropDataset
 from ptanet.models import CHANNELS_LAST, create_model, pta_mobilenet_v2, to_fast_layout
 from ptanet.train import loop
 from ptanet.train.device import resolve_device, resolve_precision
+from ptanet.train.distill import TeacherAndSampled, distillation_loss
 from ptanet.train.distributed import Distributed, RankBatchSampler, UnusedBranches
 from ptanet.train.settings import load_data, resolve_settings
 
@@ -103,7 +104,15 @@ def one_process_reference(kw: dict, world: int = 2) -> tuple[dict, list[str]]:
             model.set_config(configs[-1])
             optimizer.zero_grad(set_to_none=True)
             for part, part_labels in zip(images.chunk(world), labels.chunk(world)):
-                (F.cross_entropy(model(part.contiguous(memory_format=CHANNELS_LAST)), part_labels) / world).backward()
+                part = part.contiguous(memory_format=CHANNELS_LAST)
+                if settings.distill:
+                    loss = distillation_loss(*TeacherAndSampled(model, settings.distill)(part, configs[-1]), part_labels)
+                else:
+                    loss = F.cross_entropy(model(part), part_labels)
+                (loss / world).backward()
+            if settings.distill:  # branches neither configuration ran get no step, as under DDP
+                for p in UnusedBranches(model, "zero", teacher=settings.distill).inactive():
+                    p.grad = None
             optimizer.step()
     return {n: p.detach() for n, p in model.named_parameters()}, configs
 
@@ -189,6 +198,16 @@ def test_two_processes_match_one_process_and_each_other(tiny_synth, tmp_path, on
     assert all(torch.equal(saved[n], ranks[0]["params"][n]) for n in reference)
     assert (tmp_path / "ddp" / "best.pt").exists()
     assert len((tmp_path / "ddp" / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_distillation_under_ddp_matches_one_process(tiny_synth, tmp_path, one_torch_thread):
+    # LLL and HLH only: with the teacher HHH some branches are used, some by neither (no step for them).
+    kw = ddp_settings(tiny_synth, tmp_path / "distill", distill="HHH", sampling={"LLL": 0.5, "HHH": 0.25, "HLH": 0.25})
+    (ranks,) = run_ranks([(kw, False)], tmp_path / "seen")
+    reference, configs = one_process_reference(kw)
+    assert ranks[0]["configs"] == ranks[1]["configs"] == configs
+    assert all(torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]) for n in reference)
+    assert_params_close(ranks[0]["params"], reference)
 
 
 @pytest.mark.slow

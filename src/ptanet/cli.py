@@ -202,7 +202,15 @@ def _add_train(sub) -> None:
                        "marked [may change on --resume] may differ.")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     _add_run_settings(p, "data root: CelebA-Spoof layout, or live/ and spoof/ folders with --source folder")
+    _add_threshold_target(p)
+    p.add_argument("--threshold-from", metavar="CV_DIR", help="store in RUN/best.pt one threshold per "
+                   "configuration, chosen by --target on the pooled out-of-fold scores of ptanet cv --out CV_DIR")
     p.set_defaults(func=_cmd_train)
+
+
+def _add_threshold_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="eer", help="rule for the threshold on out-of-fold scores: eer (default), "
+                   "apcer=RATE or bpcer=RATE, as in ptanet calibrate")
 
 
 def _add_run_settings(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -224,9 +232,17 @@ def _cmd_train(args) -> int:
     from ptanet.train import loop
 
     settings = loop.run_settings(args.config_file, args.resume, **{**setting_overrides(args), "data": args.data})
+    if args.threshold_from:
+        from ptanet.cv import cv_threshold
+
+        cv_threshold(args.threshold_from, args.target)  # a missing or broken folder fails before training
     result = loop.train(settings, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the run
         print(f"best epoch {result.best_epoch}: {result.best_checkpoint}")
+        if args.threshold_from:
+            from ptanet.cv import store_cv_threshold
+
+            store_cv_threshold(result.best_checkpoint, args.threshold_from, args.target)
     return 0
 
 
@@ -238,6 +254,11 @@ def _add_cv(sub) -> None:
     p.add_argument("--folds", type=int, default=4, help="number of subject folds (default: 4)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each gives its own folds and models (default: 0)")
     p.add_argument("--configs", help="configurations to report: paper (default), all, or a list")
+    p.add_argument("--only", help="train only these folds (comma-separated, 0-based), e.g. to run folds in parallel "
+                   "processes; the call that finds every fold done writes the summary")
+    _add_threshold_target(p)
+    p.add_argument("--final", action="store_true", help="then train the final model on every subject (OUT/final) "
+                   "and store the pooled out-of-fold threshold of each configuration in OUT/final/best.pt")
     _add_run_settings(p, "data root (its train list is cross-validated; its test split is not read)")
     p.set_defaults(func=_cmd_cv)
 
@@ -248,9 +269,19 @@ def _cmd_cv(args) -> int:
 
     settings = _run_settings(args, out="runs/cv")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    result = cross_validate(settings, settings.out, k=args.folds, seeds=seeds, configs=args.configs)
+    only = [int(f) for f in args.only.split(",") if f.strip()] if args.only else None
+    result = cross_validate(settings, settings.out, k=args.folds, seeds=seeds, configs=args.configs,
+                            target=args.target, only=only)
+    if result["pending"]:
+        print(f"{len(result['pending'])} fold(s) still to train: {', '.join(result['pending'])}", file=sys.stderr)
+        return 0
     print(render(result["rows"], CV_COLUMNS, "markdown"), end="")
     print(f"wrote {settings.out}/cv.md, cv.json, cv.csv, oof_scores.json", file=sys.stderr)
+    if args.final:
+        from ptanet.cv import final_model
+
+        final = final_model(settings, settings.out, args.target)
+        print(f"final model (best epoch {final['best_epoch']}): {final['checkpoint']}", file=sys.stderr)
     return 0
 
 

@@ -8,6 +8,12 @@ configuration: mean and standard deviation over folds (and seeds) of ACER at 0.5
 the same metrics on the pooled out-of-fold scores, with the threshold at the pooled EER point and
 the ACER each fold gets at that threshold.
 
+The pooled out-of-fold scores also give each configuration a decision threshold chosen on people not
+in training (``target``: the EER point, or ``apcer=X`` / ``bpcer=X`` as ``ptanet calibrate``);
+:func:`cv_threshold` turns them into the per-configuration record of ``ptanet.threshold``, which
+``ptanet train --threshold-from OUT`` and ``ptanet cv --final`` (a final model trained on every
+subject) store with the model.
+
 Each fold is its own run folder (``OUT/seed<S>/fold<K>``, resumable like any training run) plus its
 out-of-fold scores (``oof.json``, written atomically when the fold is done), so an interrupted
 cross-validation continues with the first unfinished fold.
@@ -25,10 +31,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ptanet.atomic import write_json_atomic
+from ptanet.calibrate import parse_target, pick_threshold, store_threshold
 from ptanet.checkpoint import load_checkpoint
 from ptanet.configs import config_label
 from ptanet.data import CropDataset
-from ptanet.metrics import compute_metrics, eer_threshold
+from ptanet.metrics import compute_metrics
 from ptanet.preprocess import Preprocess
 from ptanet.scoring import score_configs
 from ptanet.tables import write_table
@@ -42,7 +49,7 @@ CV_COLUMNS = [
     ("eer_mean", "EER (%)", "pct"), ("eer_std", "sd", "pct"),
     ("auc_mean", "AUC", "f3"), ("auc_std", "sd", "f3"),
     ("oof_acer", "pooled ACER at 0.5 (%)", "pct"), ("oof_eer", "pooled EER (%)", "pct"), ("oof_auc", "pooled AUC", "f3"),
-    ("oof_threshold", "pooled EER threshold", "f3"),
+    ("oof_threshold", "pooled threshold", "f3"), ("threshold_rule", "rule", "str"),
     ("acer_at_oof_mean", "ACER at pooled threshold (%)", "pct"), ("acer_at_oof_std", "sd", "pct"),
     ("n_folds", "folds", "int"),
 ]
@@ -104,9 +111,16 @@ def run_fold(settings: TrainSettings, configs: list[str], progress: bool = True,
 
 
 def cross_validate(settings: TrainSettings, out: str | Path, k: int = 4, seeds: Iterable[int] = (0,),
-                   configs: Iterable[str] | None = None, progress: bool = True, log=print) -> dict[str, Any]:
+                   configs: Iterable[str] | None = None, progress: bool = True, log=print,
+                   target: str = "eer", only: Iterable[int] | None = None) -> dict[str, Any]:
     """Run (or continue) a k-fold subject cross-validation of ``settings`` for each seed; write
-    ``OUT/cv.md/json/csv`` (one row per configuration) and ``OUT/oof_scores.json``; return both."""
+    ``OUT/cv.md/json/csv`` (one row per configuration, pooled threshold by ``target``) and
+    ``OUT/oof_scores.json``; return both.
+
+    ``only``: train just these fold numbers (0-based, of every seed), so that several processes or
+    machines can share the folds; the summary is written by whichever call finds every fold done
+    (otherwise ``rows`` is None and ``pending`` lists the folds still to train)."""
+    parse_target(target)  # a bad target fails before hours of training
     from ptanet.configs import parse_configs
 
     out = Path(out)
@@ -119,36 +133,90 @@ def cross_validate(settings: TrainSettings, out: str | Path, k: int = 4, seeds: 
                                        np.concatenate([whole["train"].labels, whole["val"].labels]), k, s)
                       for s in seeds}
     write_json_atomic(out / "folds.json", {str(s): f for s, f in folds_per_seed.items()}, indent=2)
-    records = []
     jobs = [(s, i, fold) for s in seeds for i, fold in enumerate(folds_per_seed[s])]
-    for s, i, fold in tqdm(jobs, desc="cross-validation folds", disable=not progress):
+    chosen = set(range(k) if only is None else only)
+    if not chosen <= set(range(k)):
+        raise ValueError(f"folds {sorted(chosen - set(range(k)))} do not exist; folds are numbered 0-{k - 1}")
+    for s, i, fold in tqdm([j for j in jobs if j[1] in chosen], desc="cross-validation folds", disable=not progress):
         log(f"== seed {s}, fold {i + 1}/{k}: holding out {', '.join(fold)}")
-        records.append({"seed": s, "fold": i, **run_fold(fold_settings(settings, out, s, i, fold), configs,
-                                                        progress, log)})
-    rows = summarize(records)
+        run_fold(fold_settings(settings, out, s, i, fold), configs, progress, log)
+    done = {(s, i): Path(fold_settings(settings, out, s, i, fold).out) / OOF_NAME for s, i, fold in jobs}
+    pending = [f"seed {s} fold {i}" for (s, i), path in done.items() if not path.is_file()]
+    if pending:
+        log(f"cross-validation of {out}: {len(pending)} of {len(jobs)} folds still to train ({', '.join(pending)})")
+        return {"rows": None, "records": None, "pending": pending}
+    records = [{"seed": s, "fold": i, **json.loads(done[s, i].read_text())} for s, i, _ in jobs]
+    rows = summarize(records, target)
     write_table(rows, CV_COLUMNS, out / "cv")
     write_json_atomic(out / "oof_scores.json", records)
-    return {"rows": rows, "records": records}
+    return {"rows": rows, "records": records, "pending": []}
 
 
-def summarize(records: list[dict]) -> list[dict[str, Any]]:
+def summarize(records: list[dict], target: str = "eer") -> list[dict[str, Any]]:
     """Per configuration: fold metrics' mean and sd, pooled out-of-fold metrics, and the ACER per fold
-    at the pooled EER threshold (the threshold a deployment would take from cross-validation)."""
+    at the pooled threshold for ``target`` (the threshold a deployment takes from cross-validation)."""
     rows = []
     for model in records[0]["scores"]:
         per_fold = [compute_metrics(r["scores"][model], r["labels"], 0.5) for r in records]
         scores = np.concatenate([r["scores"][model] for r in records])
         labels = np.concatenate([r["labels"] for r in records])
         pooled = compute_metrics(scores, labels, 0.5)
-        threshold = eer_threshold(scores, labels)
+        threshold = pick_threshold(scores, labels, target)
         at_oof = [compute_metrics(r["scores"][model], r["labels"], threshold)["acer"] for r in records]
         row: dict[str, Any] = {"model": model, "n_folds": len(records), "oof_threshold": threshold,
+                               "threshold_rule": target.strip().lower(),
                                "oof_acer": pooled["acer"], "oof_eer": pooled["eer"], "oof_auc": pooled["auc"]}
         for key in ("acer", "eer", "auc"):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_sd([m[key] for m in per_fold])
         row["acer_at_oof_mean"], row["acer_at_oof_std"] = _mean_sd(at_oof)
         rows.append(row)
     return rows
+
+
+def cv_threshold(cv_dir: str | Path, target: str = "eer", select: str = "HHH") -> dict[str, Any]:
+    """The per-configuration threshold record (``ptanet.threshold``) from a cross-validation folder's
+    pooled out-of-fold scores: each configuration's threshold for ``target``; ``value`` (used by
+    configurations the record does not list) is ``select``'s, or the baseline's."""
+    path = Path(cv_dir) / "oof_scores.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no out-of-fold scores (run ptanet cv --out {cv_dir} first, to the end)")
+    try:
+        records = json.loads(path.read_text())
+        labels = np.concatenate([r["labels"] for r in records])
+        per_config = {model.removeprefix("PTA-"): pick_threshold(np.concatenate([r["scores"][model] for r in records]),
+                                                                labels, target)
+                      for model in records[0]["scores"]}
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not the out-of-fold scores of ptanet cv ({type(exc).__name__}: {exc})") from None
+    value = per_config.get(select, per_config.get("No PTA", next(iter(per_config.values()))))
+    return {"value": value, "per_config": per_config, "rule": target.strip().lower(),
+            "data": f"out-of-fold scores of {Path(cv_dir)}", "n": int(len(labels)),
+            "folds": len(records)}
+
+
+def store_cv_threshold(checkpoint: str | Path, cv_dir: str | Path, target: str = "eer", log=print) -> dict[str, Any]:
+    """Store :func:`cv_threshold` in ``checkpoint`` (atomically, in place); returns the record."""
+    ck = load_checkpoint(checkpoint)  # refuses a foreign file before anything is written
+    record = cv_threshold(cv_dir, target, select=ck.meta.get("settings", {}).get("select_config") or "HHH")
+    if (ck.config is None) != ("No PTA" in record["per_config"]):
+        kind = "the No PTA baseline" if ck.config is None else "a PTA model"
+        raise ValueError(f"{checkpoint}: is {kind}, but {cv_dir} cross-validated "
+                         f"{', '.join(record['per_config'])}; use the cross-validation of the same architecture")
+    store_threshold(checkpoint, record)
+    log(f"{checkpoint}: stored the {record['rule']} thresholds of {cv_dir} "
+        + ", ".join(f"{c} {t:.3f}" for c, t in record["per_config"].items()))
+    return record
+
+
+def final_model(settings: TrainSettings, out: str | Path, target: str = "eer", progress: bool = True,
+                log=print) -> dict[str, Any]:
+    """``ptanet cv --final``: train on every training subject (``OUT/final``, its validation part as
+    ``ptanet train`` makes it; resumable) and store the cross-validated thresholds in its best.pt."""
+    out = Path(out)
+    run = dataclasses.replace(settings, out=str(out / "final"), holdout_subjects=[])
+    result = train(run, resume=(Path(run.out) / "last.pt").exists(), progress=progress, log=log)
+    record = store_cv_threshold(result.best_checkpoint, out, target, log)
+    return {"checkpoint": str(result.best_checkpoint), "best_epoch": result.best_epoch, "threshold": record}
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

@@ -19,6 +19,7 @@ from ptanet.data import CropDataset, prepare_split
 from ptanet.data.celeba import describe_parts
 from ptanet.data.dataset import describe_data
 from ptanet.metrics import compute_metrics, eer_threshold, errors_per_group
+from ptanet.threshold import threshold_for
 from ptanet.models import is_pta
 from ptanet.preprocess import Preprocess
 from ptanet.scoring import score_configs
@@ -91,7 +92,8 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
                          bn_recalibration: bool = True, progress: bool = True, log=print,
                          split: str = "test", source: str | None = None, cache: str | None = None) -> list[dict[str, Any]]:
     """Table 3 rows for each checkpoint: the baseline gives one model row, a PTA model one per
-    configuration (and BN mode); each at threshold 0.5 and at the validation EER threshold.
+    configuration (and BN mode); each at threshold 0.5, at the validation EER threshold and, when the
+    checkpoint stores one (``ptanet.threshold``), at its stored threshold (rule ``"stored"``).
 
     The measured data is the checkpoint's own (the root, split and cache it was trained with) unless
     ``data`` names another root, whose ``split`` alone is read (``source`` its layout, default the
@@ -143,6 +145,12 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
                             "no EER point; writing the threshold-0.5 row only")
                     else:
                         thresholds.append(("eer@val", eer_at, threshold_from))
+                stored_at = threshold_for(ck.meta.get("threshold"), config, str(path))
+                if stored_at is not None:  # ptanet calibrate, or per configuration from cross-validation
+                    record = ck.meta["threshold"]
+                    source = record.get("data") if isinstance(record, dict) else None
+                    rule = record.get("rule") if isinstance(record, dict) else None
+                    thresholds.append(("stored", stored_at, f"{rule or 'stored'} on {source or 'unrecorded data'}"))
                 for rule, threshold, where in thresholds:
                     m = compute_metrics(scores, measured.labels, threshold=threshold,
                                         spoof_types=measured_cache.spoof_types[measured.indices])
@@ -170,7 +178,8 @@ def table3_markdown(rows: list[dict]) -> str:
     modes = {r["bn"] for r in rows if r["config"]}
     split = SPLITS[rows[0].get("split", "test")] if rows else SPLITS["test"]
     for bn in [m for m in ("recalibrated", "shared") if m in modes] or ["shared"]:
-        for rule, rule_text in (("0.5", "threshold 0.5"), ("eer@val", "threshold = EER point on validation")):
+        for rule, rule_text in (("0.5", "threshold 0.5"), ("eer@val", "threshold = EER point on validation"),
+                                ("stored", "threshold stored with the model")):
             picked = select(rows, rule, bn)
             if picked:
                 bn_text = {"recalibrated": "per-configuration BatchNorm statistics",

@@ -30,22 +30,9 @@ from ptanet.models import held_config, is_pta
 from ptanet.preprocess import (IMAGE_EXTENSIONS, EmptyBoxError, ImageReadError, NoFaceError, Preprocess, box_file_of,
                                choose_box, parse_box_file, read_image_rgb)
 from ptanet.runtime import DeployedModel
+from ptanet.threshold import DEFAULT_THRESHOLD, check_threshold, threshold_for
 
 ONNX_SUFFIX = ".onnx"
-DEFAULT_THRESHOLD = 0.5
-
-
-def stored_threshold(value, where: str) -> float | None:
-    """The spoof threshold a model file carries (``ptanet calibrate`` writes ``{value, rule, data, n}``
-    into a checkpoint's meta; an ONNX export may carry it in its metadata, as that dict or a number)."""
-    if value is None:
-        return None
-    number = value.get("value") if isinstance(value, dict) else value
-    if not (isinstance(number, (int, float)) and math.isfinite(number) and 0.0 <= number <= 1.0):
-        raise ValueError(f"{where}: stored threshold {value!r} is not a number in [0, 1]")
-    return float(number)
-
-
 class _TorchBackend:
     """A checkpoint run with PyTorch. Switching a PTA configuration swaps branch pointers only."""
 
@@ -54,7 +41,8 @@ class _TorchBackend:
         self.path, self.model, self.preprocess, self.labels = path, ck.model, ck.preprocess, ck.labels
         self.scorer = SpoofScorer(self.model).eval()
         self.meta = ck.meta
-        self.stored_threshold = stored_threshold(ck.meta.get("threshold"), str(path))
+        self.stored = ck.meta.get("threshold")
+        check_threshold(self.stored, str(path))
         if config is not None:
             self.set_config(config)
 
@@ -87,7 +75,8 @@ class _OnnxBackend:
             Preprocess.from_dict(self.preprocess)
         except (TypeError, ValueError) as exc:  # metadata from a newer ptanet or edited by hand
             raise ValueError(f"{path}: {exc}") from None
-        self.stored_threshold = stored_threshold(self.model.meta.get("threshold"), str(path))
+        self.stored = self.model.meta.get("threshold")
+        check_threshold(self.stored, str(path))
         if config is not None:
             self.set_config(config)
 
@@ -120,8 +109,10 @@ class Predictor:
     ``"yunet:/path/model.onnx"``, used for images without a box file. ``box_files=False`` ignores
     ``<stem>_BB.txt`` files. ``threads``: onnxruntime threads (ONNX only; PyTorch keeps its own
     setting, which is process-wide). An image is labelled spoof iff its score >= ``threshold``, as in
-    ``ptanet.metrics``; ``threshold=None`` takes the one stored with the model (``ptanet calibrate``),
-    else 0.5 (``threshold_source`` says which: "given", "stored" or "default").
+    ``ptanet.metrics``; ``threshold=None`` takes the one stored with the model for the active
+    configuration (``ptanet calibrate``, or per configuration from cross-validation; see
+    ``ptanet.threshold``), else 0.5. ``threshold_source`` says which: "given", "stored" or "default";
+    both follow :meth:`set_config`.
     """
 
     def __init__(self, model_path: str | os.PathLike, config: str | None = None, detect: str | None = None,
@@ -137,13 +128,7 @@ class Predictor:
         self.model_path = path
         self.preprocess = Preprocess.from_dict(self._backend.preprocess)
         self.labels: dict[int, str] = self._backend.labels
-        stored = getattr(self._backend, "stored_threshold", None)
-        if threshold is not None:
-            self.threshold, self.threshold_source = float(threshold), "given"
-        elif stored is not None:
-            self.threshold, self.threshold_source = stored, "stored"
-        else:
-            self.threshold, self.threshold_source = DEFAULT_THRESHOLD, "default"
+        self._given = None if threshold is None else float(threshold)
         self.detect = detect
         self.box_files = box_files
         self._detector = make_detector(detect) if detect is not None else None
@@ -157,6 +142,22 @@ class Predictor:
     def config(self) -> str | None:
         """The active PTA configuration; None for the No PTA baseline."""
         return self._backend.config
+
+    @property
+    def threshold(self) -> float:
+        """The spoof threshold in use for the active configuration."""
+        return self._threshold()[0]
+
+    @property
+    def threshold_source(self) -> str:
+        """"given", "stored" or "default" (see the class docstring)."""
+        return self._threshold()[1]
+
+    def _threshold(self) -> tuple[float, str]:
+        if self._given is not None:
+            return self._given, "given"
+        stored = threshold_for(self._backend.stored, self.config, str(self.model_path))
+        return (stored, "stored") if stored is not None else (DEFAULT_THRESHOLD, "default")
 
     def set_config(self, config: str) -> "Predictor":
         """Switch the PTA configuration (checkpoints: in place, no copy). Returns ``self``."""

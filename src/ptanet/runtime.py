@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ptanet.configs import parse_config  # pure Python and numpy
+from ptanet.threshold import DEFAULT_THRESHOLD, check_threshold, threshold_for  # pure Python
 
 INPUT_NAME = "image"  # uint8 (N, S, S, 3) RGB face crops, as Preprocess.crop returns them
 CONFIG_INPUT = "config"  # int64 scalar: index into the metadata's "configs" (switchable artifacts only)
@@ -106,7 +107,8 @@ class DeployedModel:
     ``configs`` lists what the file holds, each with ``config``, ``model``, ``params``, ``macs``,
     ``mops`` and ``val`` (the validation metrics recorded with the checkpoint, or None). ``run``
     takes uint8 RGB face crops (N, S, S, 3) as ``Preprocess.crop`` gives them and returns the
-    (N, 2) probabilities [live, spoof]. With ``warm`` (default) every configuration runs once at
+    (N, 2) probabilities [live, spoof]; :attr:`threshold` is the spoof threshold the file stores for
+    the active configuration (0.5 when it stores none). With ``warm`` (default) every configuration runs once at
     load, so the first inference after a switch costs what a steady one does.
     """
 
@@ -114,6 +116,7 @@ class DeployedModel:
         self.path = Path(path)
         self.session = ortsession(self.path, threads)
         self.meta = read_metadata(self.session, str(self.path))
+        check_threshold(self.meta.get("threshold"), str(self.path))
         inputs = {i.name: i for i in self.session.get_inputs()}
         size = int(self.meta["preprocess"]["size"])
         image = inputs.get(INPUT_NAME)
@@ -144,6 +147,12 @@ class DeployedModel:
     @property
     def config_names(self) -> list[str]:
         return list(self._index)
+
+    @property
+    def threshold(self) -> float:
+        """Spoof iff score >= this, for the active configuration (see ``ptanet.threshold``)."""
+        stored = threshold_for(self.meta.get("threshold"), self.config, str(self.path))
+        return DEFAULT_THRESHOLD if stored is None else stored
 
     def set_config(self, config: str) -> "DeployedModel":
         """Activate ``config`` (e.g. "LHH"); an unknown one raises a ValueError naming those held."""

@@ -131,11 +131,13 @@ class RankBatchSampler(Sampler[list[int]]):
 class UnusedBranches:
     """How a DDP step treats the branches that the step's configuration does not run (module doc)."""
 
-    def __init__(self, model: nn.Module, mode: str) -> None:
+    def __init__(self, model: nn.Module, mode: str, teacher: str | None = None) -> None:
         if mode not in UNUSED_MODES:
             raise ValueError(f"ddp_unused must be one of {list(UNUSED_MODES)}, got {mode!r}")
         self.model, self.mode = model, mode
         self.blocks = [m for m in model.modules() if isinstance(m, PTABlock)]
+        # In-place distillation runs the teacher configuration too in every step: its branches are used.
+        self.teacher = tuple(teacher) if teacher else None
         self._inactive: dict[tuple[str, ...], list[nn.Parameter]] = {}
 
     @property
@@ -147,7 +149,9 @@ class UnusedBranches:
         modes = tuple(block.mode for block in self.blocks)
         if modes not in self._inactive:
             left_out = {"H": "light", "L": "heavy", "B": None}
-            self._inactive[modes] = [p for block, mode in zip(self.blocks, modes) if left_out[mode]
+            also = self.teacher or modes
+            self._inactive[modes] = [p for block, mode, other in zip(self.blocks, modes, also)
+                                     if left_out[mode] and left_out[mode] == left_out[other]
                                      for p in getattr(block, left_out[mode]).parameters()]
         return self._inactive[modes]
 

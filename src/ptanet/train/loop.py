@@ -38,6 +38,7 @@ from ptanet.models import CHANNELS_LAST, MobileNetV2, create_model, is_pta, to_f
 from ptanet.train.batchnorm import recalibrate_and_save
 from ptanet.data.dataset import describe_data
 from ptanet.train import distributed
+from ptanet.train.distill import TeacherAndSampled, distillation_loss
 from ptanet.train.device import Precision, default_workers, loader_options, resolve_precision, to_device
 from ptanet.train.settings import SAFE_ON_RESUME, TrainSettings, load_data, resolve_settings
 
@@ -279,10 +280,11 @@ def _train(settings: TrainSettings, resume: bool, progress: bool, log, dist: dis
         history_path.write_text("".join(json_line(h) for h in history))
 
     # --- execution: the module each step runs (DDP over the model, optionally compiled) -------------
-    net, unused = model, None
+    distill = settings.distill if is_pta(model) else None
+    net, unused = (TeacherAndSampled(model, distill) if distill else model), None
     if dist.enabled:
-        unused = distributed.UnusedBranches(model, settings.ddp_unused)
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+        unused = distributed.UnusedBranches(model, settings.ddp_unused, teacher=distill)
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=unused.find_unused_parameters)
     if settings.compile:
         net = torch.compile(net)
@@ -314,12 +316,18 @@ def _train(settings: TrainSettings, resume: bool, progress: bool, log, dist: dis
             if step >= n_batches:
                 break
             config = sampler.sample() if sampler else None
-            if config:
-                model.set_config(config)
             images, labels = to_device(images, labels, device, CHANNELS_LAST)
-            with precision.autocast():
-                logits = net(images)
-            loss = F.cross_entropy(logits.float(), labels, weight=loss_weight)
+            if distill:
+                with precision.autocast():
+                    teacher_logits, sampled_logits = net(images, config)
+                loss = distillation_loss(teacher_logits, sampled_logits, labels, loss_weight)
+                logits = teacher_logits if sampled_logits is None else sampled_logits
+            else:
+                if config:
+                    model.set_config(config)
+                with precision.autocast():
+                    logits = net(images)
+                loss = F.cross_entropy(logits.float(), labels, weight=loss_weight)
             bad |= ~torch.isfinite(loss.detach())
             if (step + 1) % check_every == 0 or step + 1 == n_batches:
                 if dist.any(bad):

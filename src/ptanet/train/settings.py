@@ -100,6 +100,11 @@ class TrainSettings:
     sampling: dict[str, float] = option(help="configurations drawn in training and their weights, e.g. "
                                              "HHH=0.45,LHH=0.15,HLH=0.15,HHL=0.15,LLL=0.1 (paper Table 2)",
                                         type=str, default_factory=lambda: dict(PAPER_SAMPLING))
+    # Once-for-all / US-Nets practice: the light sub-networks learn from the heavy one's soft output.
+    distill: str | None = option(None, "in-place distillation: every step also trains this heavy configuration "
+                                       "(e.g. HHH or BBB) on the labels, and the sampled configuration on the labels "
+                                       "plus the heavy one's detached soft predictions (not in the paper)",
+                                 type=str, metavar="TEACHER")
     val_configs: list[str] = option(help="configurations validated each epoch: paper, all, or a list",
                                     type=str, default_factory=lambda: parse_configs("paper"))
     select_config: str = option("HHH", "the configuration whose validation ACER picks the best epoch (Figure 2)")
@@ -148,6 +153,10 @@ class TrainSettings:
         self.val_configs = parse_configs(self.val_configs)
         self.bn_configs = parse_configs(self.bn_configs)
         self.select_config = parse_config(self.select_config)
+        if self.distill is not None:
+            if not self.is_pta:
+                raise ValueError(f"distill needs a PTA architecture; {self.arch} has no configurations")
+            self.distill = parse_config(self.distill)
         if isinstance(self.holdout_subjects, str):
             self.holdout_subjects = [s.strip() for s in self.holdout_subjects.split(",") if s.strip()]
         self.holdout_subjects = sorted(str(s) for s in self.holdout_subjects)
