@@ -38,9 +38,25 @@ def test_cross_validation_scores_each_person_with_the_model_that_did_not_see_the
     first = cv.cross_validate(settings, tmp_path / "cv", k=3, configs=["HHH", "LLL"], only=[0], **quiet)
     assert first["rows"] is None and first["pending"] == ["seed 0 fold 1", "seed 0 fold 2"]
     assert not (tmp_path / "cv" / "cv.md").exists()
-    result = cv.cross_validate(settings, tmp_path / "cv", k=3, configs=["HHH", "LLL"], only=[1, 2], **quiet)
+    result = cv.cross_validate(settings, tmp_path / "cv", k=3, configs=["HHH", "LLL"], only=[1, 2],
+                               transfer=tiny_synth, **quiet)
     assert result["pending"] == []
     records = result["records"]
+    # The transfer set's test split, scored by every fold model (fold 0's after the fact), per attack group.
+    assert all(r["transfer"]["root"] == str(tiny_synth) for r in records)
+    transfer = {(t["model"], t["group"]): t for t in result["transfer_rows"]}
+    lll_threshold = {row["model"]: row for row in result["rows"]}["PTA-LLL"]["oof_threshold"]
+    for (model, group), t in transfer.items():
+        per_fold = []
+        for r in records:
+            labels, types = np.array(r["transfer"]["labels"]), np.array(r["transfer"]["spoof_types"])
+            keep = (labels == 0) | np.array([cv.attack_group(int(k)) == group for k in types]) & (labels == 1)
+            per_fold.append(cv.compute_metrics(np.array(r["transfer"]["scores"][model])[keep], labels[keep],
+                                               lll_threshold if model == "PTA-LLL" else 0.5))
+        assert t["auc_mean"] == pytest.approx(np.mean([m["auc"] for m in per_fold]))
+        if model == "PTA-LLL":
+            assert t["apcer_mean"] == pytest.approx(np.mean([m["apcer"] for m in per_fold]))
+    assert (tmp_path / "cv" / "transfer.md").exists()
     whole = load_data(settings, progress=False)
     held = [s for r in records for s in r["holdout_subjects"]]
     assert len(records) == 3 and sorted(held) == sorted(set(whole["train"].subjects + whole["val"].subjects))

@@ -256,6 +256,8 @@ def _add_cv(sub) -> None:
     p.add_argument("--configs", help="configurations to report: paper (default), all, or a list")
     p.add_argument("--only", help="train only these folds (comma-separated, 0-based), e.g. to run folds in parallel "
                    "processes; the call that finds every fold done writes the summary")
+    p.add_argument("--transfer-data", help="another CelebA-layout root (e.g. ptanet synth's) whose test split every "
+                   "fold model also scores, per attack group: OUT/transfer.md/json/csv")
     _add_threshold_target(p)
     p.add_argument("--final", action="store_true", help="then train the final model on every subject (OUT/final) "
                    "and store the pooled out-of-fold threshold of each configuration in OUT/final/best.pt")
@@ -271,12 +273,17 @@ def _cmd_cv(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     only = [int(f) for f in args.only.split(",") if f.strip()] if args.only else None
     result = cross_validate(settings, settings.out, k=args.folds, seeds=seeds, configs=args.configs,
-                            target=args.target, only=only)
+                            target=args.target, only=only, transfer=args.transfer_data)
     if result["pending"]:
         print(f"{len(result['pending'])} fold(s) still to train: {', '.join(result['pending'])}", file=sys.stderr)
         return 0
     print(render(result["rows"], CV_COLUMNS, "markdown"), end="")
-    print(f"wrote {settings.out}/cv.md, cv.json, cv.csv, oof_scores.json", file=sys.stderr)
+    if result["transfer_rows"]:
+        from ptanet.cv import TRANSFER_COLUMNS
+
+        print("\n" + render(result["transfer_rows"], TRANSFER_COLUMNS, "markdown"), end="")
+    print(f"wrote {settings.out}/cv.md, cv.json, cv.csv, oof_scores.json"
+          + (", transfer.md/json/csv" if result["transfer_rows"] else ""), file=sys.stderr)
     if args.final:
         from ptanet.cv import final_model
 

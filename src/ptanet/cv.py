@@ -14,6 +14,11 @@ in training (``target``: the EER point, or ``apcer=X`` / ``bpcer=X`` as ``ptanet
 ``ptanet train --threshold-from OUT`` and ``ptanet cv --final`` (a final model trained on every
 subject) store with the model.
 
+``transfer``: another data root in CelebA-Spoof layout (e.g. a set of ``ptanet synth``, whose screen
+replays a print-only real set lacks) whose test split every fold model also scores; reported per
+configuration and attack group (screen replays, prints and others) over folds: AUC against the set's
+live faces and the APCER at the pooled threshold, with the live faces' BPCER (``OUT/transfer.*``).
+
 Each fold is its own run folder (``OUT/seed<S>/fold<K>``, resumable like any training run) plus its
 out-of-fold scores (``oof.json``, written atomically when the fold is done), so an interrupted
 cross-validation continues with the first unfinished fold.
@@ -35,6 +40,8 @@ from ptanet.calibrate import parse_target, pick_threshold, store_threshold
 from ptanet.checkpoint import load_checkpoint
 from ptanet.configs import config_label
 from ptanet.data import CropDataset
+from ptanet.data.cache import CropCache, prepare_cache
+from ptanet.data.dataset import MIX_SPOOF_TYPES, load_items
 from ptanet.metrics import compute_metrics
 from ptanet.preprocess import Preprocess
 from ptanet.scoring import score_configs
@@ -90,13 +97,50 @@ def fold_settings(settings: TrainSettings, out: Path, seed: int, fold: int, hold
                                holdout_subjects=holdout)
 
 
-def run_fold(settings: TrainSettings, configs: list[str], progress: bool = True, log=print) -> dict[str, Any]:
-    """Train one fold (resuming its run folder) and score its held-out people; returns the record
-    written to ``oof.json``: per configuration the scores, with labels and subjects."""
+TRANSFER_COLUMNS = [
+    ("model", "Configuration", "str"), ("group", "Attacks", "str"), ("n_spoof", "attacks", "int"),
+    ("n_live", "live", "int"),
+    ("auc_mean", "AUC", "f3"), ("auc_std", "sd", "f3"),
+    ("apcer_mean", "APCER at pooled threshold (%)", "pct"), ("apcer_std", "sd", "pct"),
+    ("bpcer_mean", "BPCER of its live at pooled threshold (%)", "pct"), ("bpcer_std", "sd", "pct"),
+]
+
+
+def attack_group(spoof_type: int) -> str:
+    return "screen replay" if spoof_type in MIX_SPOOF_TYPES else "print and other"
+
+
+def transfer_cache(settings: TrainSettings, root: str | Path, preprocess: Preprocess, progress: bool) -> CropCache:
+    """The crop cache of ``root``'s test split, beside the run's own caches."""
+    loaded = load_items(root, "test", "celeba")
+    if not loaded.items:
+        raise ValueError(f"{root}: no usable test items ({loaded.summary()})")
+    folder = Path(settings.cache_dir) / f"transfer+{Path(root).name}" / "test"
+    return CropCache(prepare_cache(loaded.items, folder, preprocess, workers=settings.prepare_workers,
+                                   progress=progress).cache_dir)
+
+
+def _score_transfer(checkpoint, settings: TrainSettings, root, configs, progress: bool) -> dict[str, Any]:
+    ck = load_checkpoint(checkpoint)
+    cache = transfer_cache(settings, root, Preprocess.from_dict(ck.preprocess), progress)
+    scores = score_configs(ck.model, CropDataset(cache, Preprocess.from_dict(ck.preprocess)), configs)
+    return {"root": str(root), "labels": cache.labels.tolist(), "spoof_types": cache.spoof_types.tolist(),
+            "scores": {config_label(c): s.tolist() for c, (s, _) in scores.items()}}
+
+
+def run_fold(settings: TrainSettings, configs: list[str], progress: bool = True, log=print,
+             transfer: str | Path | None = None) -> dict[str, Any]:
+    """Train one fold (resuming its run folder) and score its held-out people (and ``transfer``'s
+    test split); returns the record written to ``oof.json``: per configuration the scores, with labels
+    and subjects."""
     run = Path(settings.out)
     done = run / OOF_NAME
     if done.is_file():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if transfer is not None and (record.get("transfer") or {}).get("root") != str(transfer):
+            record["transfer"] = _score_transfer(run / "best.pt", settings, transfer, configs, progress)
+            write_json_atomic(done, record)
+        return record
     result = train(settings, resume=(run / "last.pt").exists(), progress=progress, log=log)
     data = load_data(settings, progress=False)
     ck = load_checkpoint(result.best_checkpoint)
@@ -106,13 +150,16 @@ def run_fold(settings: TrainSettings, configs: list[str], progress: bool = True,
               "labels": held.labels.tolist(), "subjects": data["holdout"].subjects,
               "scores": {config_label(c): s.tolist() for c, (s, _) in scores.items()},
               "best_epoch": result.best_epoch}
+    if transfer is not None:
+        record["transfer"] = _score_transfer(result.best_checkpoint, settings, transfer, configs, progress)
     write_json_atomic(done, record)
     return record
 
 
 def cross_validate(settings: TrainSettings, out: str | Path, k: int = 4, seeds: Iterable[int] = (0,),
                    configs: Iterable[str] | None = None, progress: bool = True, log=print,
-                   target: str = "eer", only: Iterable[int] | None = None) -> dict[str, Any]:
+                   target: str = "eer", only: Iterable[int] | None = None,
+                   transfer: str | Path | None = None) -> dict[str, Any]:
     """Run (or continue) a k-fold subject cross-validation of ``settings`` for each seed; write
     ``OUT/cv.md/json/csv`` (one row per configuration, pooled threshold by ``target``) and
     ``OUT/oof_scores.json``; return both.
@@ -139,17 +186,22 @@ def cross_validate(settings: TrainSettings, out: str | Path, k: int = 4, seeds: 
         raise ValueError(f"folds {sorted(chosen - set(range(k)))} do not exist; folds are numbered 0-{k - 1}")
     for s, i, fold in tqdm([j for j in jobs if j[1] in chosen], desc="cross-validation folds", disable=not progress):
         log(f"== seed {s}, fold {i + 1}/{k}: holding out {', '.join(fold)}")
-        run_fold(fold_settings(settings, out, s, i, fold), configs, progress, log)
+        run_fold(fold_settings(settings, out, s, i, fold), configs, progress, log, transfer)
     done = {(s, i): Path(fold_settings(settings, out, s, i, fold).out) / OOF_NAME for s, i, fold in jobs}
     pending = [f"seed {s} fold {i}" for (s, i), path in done.items() if not path.is_file()]
     if pending:
         log(f"cross-validation of {out}: {len(pending)} of {len(jobs)} folds still to train ({', '.join(pending)})")
         return {"rows": None, "records": None, "pending": pending}
-    records = [{"seed": s, "fold": i, **json.loads(done[s, i].read_text())} for s, i, _ in jobs]
+    # Finished folds read back (run_fold adds the transfer scores where a fold was trained without them).
+    records = [{"seed": s, "fold": i, **run_fold(fold_settings(settings, out, s, i, fold), configs, progress, log,
+                                                transfer)} for s, i, fold in jobs]
     rows = summarize(records, target)
     write_table(rows, CV_COLUMNS, out / "cv")
+    transfer_rows = summarize_transfer(records, rows) if transfer is not None else []
+    if transfer_rows:
+        write_table(transfer_rows, TRANSFER_COLUMNS, out / "transfer")
     write_json_atomic(out / "oof_scores.json", records)
-    return {"rows": rows, "records": records, "pending": []}
+    return {"rows": rows, "records": records, "pending": [], "transfer_rows": transfer_rows}
 
 
 def summarize(records: list[dict], target: str = "eer") -> list[dict[str, Any]]:
@@ -171,6 +223,31 @@ def summarize(records: list[dict], target: str = "eer") -> list[dict[str, Any]]:
         row["acer_at_oof_mean"], row["acer_at_oof_std"] = _mean_sd(at_oof)
         rows.append(row)
     return rows
+
+
+def summarize_transfer(records: list[dict], rows: list[dict]) -> list[dict[str, Any]]:
+    """Per configuration and attack group of the transfer set: AUC against its live faces, and APCER
+    and the live faces' BPCER at the pooled out-of-fold threshold of ``rows``, as mean and sd over folds."""
+    out = []
+    for row in rows:
+        model, threshold = row["model"], row["oof_threshold"]
+        groups: dict[str, list[dict]] = {}
+        for r in records:
+            t = r["transfer"]
+            scores, labels, types = (np.asarray(t["scores"][model]), np.asarray(t["labels"]),
+                                     np.asarray(t["spoof_types"]))
+            live, group_of = labels == 0, np.array([attack_group(int(k)) for k in types])
+            for group in sorted(set(group_of[~live])):
+                keep = live | (group_of == group)
+                m = compute_metrics(scores[keep], labels[keep], threshold)
+                groups.setdefault(group, []).append(m)
+        for group, metrics in groups.items():
+            entry: dict[str, Any] = {"model": model, "group": group, "n_spoof": metrics[0]["n_spoof"],
+                                     "n_live": metrics[0]["n_live"]}
+            for key in ("auc", "apcer", "bpcer"):
+                entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_sd([m[key] for m in metrics])
+            out.append(entry)
+    return out
 
 
 def cv_threshold(cv_dir: str | Path, target: str = "eer", select: str = "HHH") -> dict[str, Any]:

@@ -7,6 +7,7 @@ train list into train and validation parts by rows of that one cache. `CropDatas
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -19,7 +20,14 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from ptanet.data.augment import make_train_augment
 from ptanet.data.cache import CropCache, PrepareReport, prepare_cache
 from ptanet.data.celeba import LoadResult, describe_parts, load_celeba, load_folder, split_train_val
+from ptanet.data.synth.attacks import SPOOF_REPLAY
 from ptanet.preprocess import Preprocess
+
+# Synthetic images mixed into training (--mix-synth): the generator's live faces and its screen replays,
+# the attack types a print-only real set lacks. The live faces come along so that looking synthetic
+# does not by itself predict "spoof". Their names and people are prefixed to stay apart from the real ones.
+MIX_SPOOF_TYPES = frozenset(SPOOF_REPLAY)
+MIX_PREFIX = "synth:"
 
 
 class CropDataset(Dataset):
@@ -91,7 +99,8 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
                    preprocess: Preprocess = Preprocess(), protocol: str = "intra_test",
                    val_fraction: float = 0.2, val_split: str = "subject", seed: int = 0, workers: int = 2,
                    source: str = "celeba", detect: str | None = None,
-                   progress: bool = True, holdout_subjects: Iterable[str] = ()) -> dict[str, Any]:
+                   progress: bool = True, holdout_subjects: Iterable[str] = (),
+                   mix_root: str | os.PathLike | None = None, mix_fraction: float = 0.0) -> dict[str, Any]:
     """Load the item lists, split train into train/val, and prepare (or reuse) one cache per part.
 
     source="celeba": `root` in CelebA-Spoof layout; parts train, val (from train) and test.
@@ -101,6 +110,10 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
     "loaded": {list: LoadResult summary}, "reports": {list: PrepareReport}}; train and val are parts
     of one cache of the whole train list (reports has "train" and "test" only). ``holdout_subjects``
     are kept out of both parts and returned as a third part, "holdout" (a cross-validation fold).
+
+    ``mix_fraction`` > 0 makes that share of the train part synthetic: live and screen-replay images of
+    ``mix_root``'s train split (a set written by ``ptanet synth``), drawn with ``seed``; they are cached
+    with the train list (in ``train+<mix_root name>``) and never enter val, holdout or test.
     """
     root = Path(root)
     parts = ["train", "test"]
@@ -111,11 +124,14 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
         if not result.items:
             raise ValueError(f"{root}: no usable {name} items ({result.summary()})")
     out: dict[str, Any] = {"loaded": {k: v.summary() for k, v in loaded.items()}, "reports": {}}
+    mix_items = _mix_items(mix_root, out) if mix_fraction > 0 else []
     # The whole train list is cached once and split by rows afterwards: another seed or validation
     # rule then reuses the cache instead of decoding every training image again.
     for name, result in loaded.items():
-        report = prepare_cache(result.items, Path(cache_root) / name, preprocess, workers=workers, detect=detect,
-                               progress=progress)
+        extra = mix_items if name == "train" else []
+        folder = f"{name}+{Path(mix_root).name}" if extra else name
+        report = prepare_cache(result.items + extra, Path(cache_root) / folder, preprocess, workers=workers,
+                               detect=detect, progress=progress)
         out["reports"][name] = report
         out[name] = CropCache(report.cache_dir)
     held = set(holdout_subjects)
@@ -130,11 +146,38 @@ def build_datasets(root: str | os.PathLike, cache_root: str | os.PathLike,
     row_of = {rel: row for row, rel in enumerate(out["train"].rels)}  # skipped items have no row
     # Each part keeps its items' order, so a part reads exactly as a cache of its own list would.
     whole = out["train"]
-    for name, part in parts.items():
-        out[name] = whole.part([row_of[i.rel] for i in part if i.rel in row_of])
+    rows = {name: [row_of[i.rel] for i in part if i.rel in row_of] for name, part in parts.items()}
+    mixed = ""
+    if mix_items:
+        pool = [row_of[i.rel] for i in mix_items if i.rel in row_of]
+        n = round(mix_fraction / (1.0 - mix_fraction) * len(rows["train"]))
+        if n > len(pool):
+            raise ValueError(f"{mix_root}: a synthetic share of {mix_fraction:g} needs {n} synthetic images, the set "
+                             f"has {len(pool)} live and replay training images; write a larger one (ptanet synth "
+                             "--train-subjects ...) or lower the share")
+        chosen = np.sort(np.random.default_rng([seed, 7]).choice(np.asarray(pool), n, replace=False))
+        rows["train"] = rows["train"] + chosen.tolist()
+        types = whole.spoof_types[chosen]
+        mixed = (f"\nsynthetic mix in train: {n} images of {mix_root} ({int((types == 0).sum())} live, "
+                 f"{int((types != 0).sum())} screen replays), {n / max(1, len(rows['train'])):.1%} of the train part")
+    for name in parts:
+        out[name] = whole.part(rows[name])
     # Counted after unreadable images were dropped: what training really sees.
-    out["split"] = describe_parts({name: (out[name].labels.tolist(), out[name].subjects) for name in parts})
+    out["split"] = describe_parts({name: (out[name].labels.tolist(), out[name].subjects) for name in parts}) + mixed
     return out
+
+
+def _mix_items(mix_root: str | os.PathLike | None, out: dict[str, Any]) -> list:
+    """The live and replay items of a synthetic set's train split, renamed apart from the real ones."""
+    if mix_root is None:
+        raise ValueError("a synthetic mix needs the synthetic set (synth_data / --synth-data, from ptanet synth)")
+    synth = load_items(mix_root, "train", "celeba")
+    kept = [dataclasses.replace(i, rel=MIX_PREFIX + i.rel, subject=MIX_PREFIX + i.subject) for i in synth.items
+            if i.label == 0 or i.spoof_type in MIX_SPOOF_TYPES]
+    if not kept:
+        raise ValueError(f"{mix_root}: no live or screen-replay training images ({synth.summary()})")
+    out["loaded"]["synthetic train"] = synth.summary()
+    return kept
 
 
 def describe_data(data: dict[str, Any]) -> list[str]:

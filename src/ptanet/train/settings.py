@@ -68,6 +68,10 @@ class TrainSettings:
                                               "comma-separated (a cross-validation fold)", group="data", type=str,
                                          default_factory=list)
     prepare_workers: int = option(2, "processes that crop faces into the cache", "data", safe_on_resume=True)
+    # Attack-type transfer: a print-only real set never shows a screen; the generator's replays do.
+    mix_synth: float = option(0.0, "share of the train part made of synthetic live faces and screen replays from "
+                                   "synth_data (0: off; not in the paper)", "data", metavar="FRACTION")
+    synth_data: str | None = option(None, "synthetic set written by ptanet synth, for mix_synth", "data")
 
     # --- model ----------------------------------------------------------------------------------
     arch: str = option("pta_mobilenet_v2", "architecture (mobilenet_v2 is the No PTA baseline)", "model",
@@ -147,6 +151,12 @@ class TrainSettings:
             self.data = str(Path(self.data).resolve())
         if self.cache:
             self.cache = str(Path(self.cache).resolve())
+        if self.synth_data:
+            self.synth_data = str(Path(self.synth_data).resolve())
+        if not 0.0 <= self.mix_synth < 1.0:
+            raise ValueError(f"mix_synth must be in [0, 1), got {self.mix_synth!r}")
+        if self.mix_synth > 0 and not self.synth_data:
+            raise ValueError("mix_synth needs synth_data: a set written by ptanet synth")
         self.out = str(Path(self.out).resolve())
         check_arch(self.arch)
         self.sampling = parse_sampling(self.sampling)
@@ -270,5 +280,5 @@ def load_data(settings: TrainSettings, progress: bool = True) -> dict[str, Any]:
         settings.data, settings.cache_dir, settings.preprocess, protocol=settings.protocol,
         val_fraction=settings.val_fraction, val_split=settings.val_split, seed=settings.seed,
         workers=settings.prepare_workers, source=settings.source, detect=settings.detect, progress=progress,
-        holdout_subjects=settings.holdout_subjects,
+        holdout_subjects=settings.holdout_subjects, mix_root=settings.synth_data, mix_fraction=settings.mix_synth,
     )
