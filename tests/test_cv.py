@@ -160,3 +160,17 @@ def test_cv_threshold_of_another_architecture_is_refused(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="same architecture"):
         cv.store_cv_threshold(tmp_path / "best.pt", tmp_path / "cv", log=lambda *_: None)
     assert "threshold" not in load_checkpoint(tmp_path / "best.pt").meta
+
+
+def test_cv_only_nothing_prepares_the_caches_and_trains_no_fold(tiny_synth, tmp_path, capsys, monkeypatch):
+    from ptanet.cli import main
+
+    monkeypatch.setattr(cv, "train", lambda *a, **k: pytest.fail("--only '' trained a fold"))
+    args = ["cv", "--data", str(tiny_synth), "--out", str(tmp_path / "cv"), "--folds", "3", "--size", "32",
+            "--prepare-workers", "0", "--transfer-data", str(tiny_synth)]
+    assert main(args + ["--only", ""]) == 0
+    assert "3 fold(s) still to train" in capsys.readouterr().err
+    assert (tmp_path / "cache" / "data" / "train").is_dir()
+    assert (tmp_path / "cache" / "data" / f"transfer+{tiny_synth.name}" / "test").is_dir()
+    assert main(args + ["--only", "5"]) == 2  # no such fold: a clear error
+    assert "folds are numbered 0-2" in capsys.readouterr().err

@@ -184,6 +184,38 @@ def test_set_config_from_other_threads_never_mixes_configurations(tiny_model):
         assert prob == pytest.approx(expected[cfg][i], abs=1e-5)
 
 
+@pytest.mark.parametrize("detect", ["haar", "yunet"])
+def test_detection_in_parallel_threads_gives_the_sequential_results(tiny_model, nuaa_dev, detect):
+    """Each thread detects with its own detector, outside the model's lock: same boxes and scores."""
+    spec = "haar" if detect == "haar" else f"yunet:{nuaa_dev.parent.parent / 'models' / 'face_detection_yunet.onnx'}"
+    checker = LivenessChecker(tiny_model, detect=spec)
+    paths = sorted((nuaa_dev / "Data" / "test").rglob("*.jpg"))[::40][:8]
+    expected = [(r.faces[0].box, r.faces[0].spoof_probability) if r.faces else None
+                for r in (checker.check(p) for p in paths)]
+    seen, errors = {}, []
+
+    def work(n):
+        try:
+            for k in range(n % 2, len(paths) * 2, 2):
+                r = checker.check(paths[k % len(paths)])
+                seen.setdefault(k % len(paths), []).append(
+                    (r.faces[0].box, r.faces[0].spoof_probability) if r.faces else None)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(seen) == list(range(len(paths)))
+    for i, results in seen.items():
+        for got in results:
+            assert (got is None) == (expected[i] is None)
+            if got is not None:
+                assert got[0] == expected[i][0] and got[1] == pytest.approx(expected[i][1], abs=1e-5)
+
+
 def test_foreign_model_files_are_refused(tmp_path):
     foreign = tmp_path / "other.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)

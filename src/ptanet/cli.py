@@ -271,7 +271,8 @@ def _cmd_cv(args) -> int:
 
     settings = _run_settings(args, out="runs/cv")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    only = [int(f) for f in args.only.split(",") if f.strip()] if args.only else None
+    # --only "" trains no fold: it prepares the caches (before parallel processes start) or summarises.
+    only = [int(f) for f in args.only.split(",") if f.strip()] if args.only is not None else None
     result = cross_validate(settings, settings.out, k=args.folds, seeds=seeds, configs=args.configs,
                             target=args.target, only=only, transfer=args.transfer_data)
     if result["pending"]:

@@ -176,6 +176,8 @@ def cross_validate(settings: TrainSettings, out: str | Path, k: int = 4, seeds: 
     # One crop cache for every fold and seed (by default beside the cross-validation folder).
     settings = dataclasses.replace(settings, cache=str(settings.cache_dir))
     whole = load_data(settings, progress)  # the train list, cached once for every fold and seed
+    if transfer is not None:  # cached now too, not by parallel processes at the end of their first folds
+        transfer_cache(settings, transfer, settings.preprocess, progress)
     folds_per_seed = {s: subject_folds(whole["train"].subjects + whole["val"].subjects,
                                        np.concatenate([whole["train"].labels, whole["val"].labels]), k, s)
                       for s in seeds}

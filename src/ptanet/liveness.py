@@ -15,9 +15,10 @@ Images are decoded by :func:`decode_image`, which refuses decompression bombs fr
 decoding, truncated files and non-images; grayscale, RGBA (alpha dropped), 16-bit and EXIF-rotated
 JPEGs are read as 8-bit RGB in display orientation.
 
-Thread safety: one checker may be shared by threads. Decoding runs in parallel; detection and the model
-run under one lock (OpenCV's detectors and a switching PTA model hold state), and ``set_config`` takes
-the same lock, so each result is computed with exactly the configuration it reports.
+Thread safety: one checker may be shared by threads. Decoding and face detection run in parallel
+(each thread has its own detector: OpenCV's detectors hold state); the model runs under one lock (a
+switching PTA model holds state), and ``set_config`` takes the same lock, so each result is computed
+with exactly the configuration and threshold it reports.
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ class LivenessChecker:
             raise ValueError(f"min_face, max_faces and max_pixels must be >= 1, got {min_face}, {max_faces}, {max_pixels}")
         self.predictor = Predictor(model, config=config, threshold=threshold, box_files=False, threads=threads)
         self.detect = detect
-        self.detector = FaceDetector(detect) if detect is not None else None
+        self.detector = FaceDetector(detect) if detect is not None else None  # fails early on a bad spec
+        self._local = threading.local()  # one detector per thread, made on first use
         self.min_face, self.max_outside, self.max_faces, self.max_pixels = min_face, max_outside, max_faces, max_pixels
         self._lock = threading.Lock()
 
@@ -239,7 +241,7 @@ class LivenessChecker:
         elif self.detector is None:
             found = [([0, 0, width, height], None, None)]
         else:
-            found = [(list(f.box), list(f.raw_box), f.score) for f in self.detector.faces(rgb)]
+            found = [(list(f.box), list(f.raw_box), f.score) for f in self._thread_detector().faces(rgb)]
         faces = []
         for i, (fbox, raw, score) in enumerate(found):
             face = FaceResult(box=fbox, spoof_probability=None, decision="", detector_box=raw, detector_score=score)
@@ -255,29 +257,39 @@ class LivenessChecker:
             faces.append(face)
         return faces
 
+    def _thread_detector(self) -> FaceDetector:
+        if self._local.__dict__.get("detector") is None:
+            # The first thread takes the one made at construction; others build their own.
+            self._local.detector = (self.detector if threading.current_thread() is threading.main_thread()
+                                    else FaceDetector(self.detect))
+        return self._local.detector
+
     def _check_decoded(self, items: list[tuple[np.ndarray, str, Sequence[int] | None, float]]) -> list[LivenessResult]:
-        """Detect and score decoded images under the lock: one model batch for all their faces."""
+        """Detect faces (in this thread) and score the decoded images under the lock: one model batch
+        for all their faces."""
         results, crops, pending = [], [], []
+        for rgb, name, box, decode_ms in items:
+            t0 = time.perf_counter()
+            faces = self._faces(rgb, box)
+            detect_ms = (time.perf_counter() - t0) * 1000.0
+            for face in faces:
+                if not face.decision:
+                    crops.append(self.predictor.preprocess.crop(rgb, box_px=tuple(face.box)))
+                    pending.append(face)
+            results.append(LivenessResult(
+                source=name, width=rgb.shape[1], height=rgb.shape[0], faces=faces, config=None,
+                threshold=0.0, milliseconds=0.0,
+                timings={"decode": decode_ms, "detect": detect_ms}, reason=None if faces else "no face detected"))
         with self._lock:
-            start = time.perf_counter()
-            for rgb, name, box, decode_ms in items:
-                t0 = time.perf_counter()
-                faces = self._faces(rgb, box)
-                detect_ms = (time.perf_counter() - t0) * 1000.0
-                for face in faces:
-                    if not face.decision:
-                        crops.append(self.predictor.preprocess.crop(rgb, box_px=tuple(face.box)))
-                        pending.append(face)
-                results.append(LivenessResult(
-                    source=name, width=rgb.shape[1], height=rgb.shape[0], faces=faces, config=self.config,
-                    threshold=self.threshold, milliseconds=0.0,
-                    timings={"decode": decode_ms, "detect": detect_ms}, reason=None if faces else "no face detected"))
+            config, threshold = self.config, self.threshold
             t0 = time.perf_counter()
             scores = self.predictor.score_crops(crops) if crops else []
             model_ms = (time.perf_counter() - t0) * 1000.0
-            for face, score in zip(pending, scores):
-                face.spoof_probability = float(score)  # compared in float64, as Predictor does
-                face.decision = SPOOF if face.spoof_probability >= self.threshold else LIVE
+        for face, score in zip(pending, scores):
+            face.spoof_probability = float(score)  # compared in float64, as Predictor does
+            face.decision = SPOOF if face.spoof_probability >= threshold else LIVE
+        for r in results:
+            r.config, r.threshold = config, threshold
         share = model_ms / max(1, len(items))
         for r in results:
             r.timings["model"] = share
