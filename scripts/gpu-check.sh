@@ -108,6 +108,11 @@ if ((GPUS >= 2)); then
         --out "$WORK/ddp-run" --cache "$WORK/prep1/cache/synth" --batch-size 256 --epochs 1 --device cuda --bn-images 256
     step ddp-bench-train 120 "$PYTHON" -m torch.distributed.run --nproc-per-node 2 -m ptanet bench-train "$CACHE" \
         --batch-size 512 --steps 30 --repeats 3 --epoch-images 494000 --out "$RESULTS/bench-train-2gpu"
+    for mode in zero find; do  # how DDP learns of the branches a configuration leaves out
+        step "ddp-unused-$mode" 60 "$PYTHON" -m torch.distributed.run --nproc-per-node 2 -m ptanet bench-train "$CACHE" \
+            --batch-size 512 --steps 30 --repeats 3 --parts model --models pta --ddp-unused "$mode" \
+            --out "$RESULTS/ddp-unused-$mode"
+    done
 else
     echo "ddp-smoke: skipped (one GPU)" >> "$RESULTS/summary.txt"
 fi

@@ -664,7 +664,7 @@ class CPUBurner:
 
 
 def adaptive_benchmark(checkpoint, configs: list[str] | None = None, budget_ms: float | None = None,
-                       frames: int = 600, threads: int = 1, window: int = 15, plot=None, work_dir=None) -> dict:
+                       frames: int = 3000, threads: int = 1, window: int = 15, plot=None, work_dir=None) -> dict:
     """Frames through the switchable file, alternately by the adaptive controller and by fixed HHH,
     while a CPU burner runs during the middle third. The controller's ladder is the configurations
     no dearer than HHH (multiply-adds), cheapest first; the budget defaults to 1.3 x HHH's quiet
@@ -680,7 +680,8 @@ def adaptive_benchmark(checkpoint, configs: list[str] | None = None, budget_ms: 
     ladder = sorted((c for c in set(configs) | {"HHH"} if macs[c] <= macs["HHH"]), key=lambda c: macs[c])
     tmp = tempfile.TemporaryDirectory(prefix="ptanet-adaptive-") if work_dir is None else None
     work = Path(work_dir or tmp.name)
-    burner = CPUBurner(processes=1)  # one background process, as a co-running app would be
+    # One busy process per core: a single one leaves a 1-thread model a core of its own, which loads nothing.
+    burner = CPUBurner()
     try:
         path = work / SWITCHABLE_NAME
         export_switchable(checkpoint, path, ladder)
