@@ -488,7 +488,7 @@ def _add_bench(sub) -> None:
                    "parity with fp32 on real crops and latency")
     p.add_argument("--adaptive", action="store_true",
                    help="instead: the adaptive controller against fixed HHH while a CPU burner starts and stops")
-    p.add_argument("--budget-ms", type=float, help="--adaptive: latency budget (default 1.3 x HHH's quiet median)")
+    p.add_argument("--budget-ms", type=float, help="--adaptive: latency budget (default 1.3 x HHH's quiet p90)")
     p.add_argument("--frames", type=int, default=3000, help="--adaptive: frames per runner (default: 3000)")
     p.add_argument("--out", help="write OUT.md/.json/.csv (and OUT.png plots)")
     _add_format(p)
