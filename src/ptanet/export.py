@@ -629,10 +629,10 @@ def int8_crops(src: _Source, n: int = 128) -> tuple[np.ndarray, np.ndarray, str]
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray,
                   check: np.ndarray, per_channel: bool = True, activation: str = "U8", weight: str = "S8",
-                  reduce_range: bool = False, tolerance: float = INT8_TOLERANCE) -> dict:
+                  reduce_range: bool = False, tolerance: float = INT8_TOLERANCE, depthwise_fp32: bool = False) -> dict:
     """Static QDQ quantization of an exported fp32 file, calibrated (min/max) on ``calibration``
-    crops; written only if its probabilities on ``check`` crops differ from the fp32 file's by at most
-    ``tolerance`` on average, with at least :data:`INT8_AGREEMENT` of the labels equal. Returns ``{path, max_abs_diff, mean_abs_diff, label_agreement, size_bytes, options}``."""
+    crops (``depthwise_fp32``: the depthwise convolutions stay fp32); written only if its probabilities
+    on ``check`` crops differ from the fp32 file's by at most ``tolerance`` on average, with at least :data:`INT8_AGREEMENT` of the labels equal. Returns ``{path, max_abs_diff, mean_abs_diff, label_agreement, size_bytes, options}``."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -650,12 +650,19 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     options = {"per_channel": per_channel, "activation": activation, "weight": weight, "reduce_range": reduce_range}
+    extra = {}
+    if depthwise_fp32:
+        options["depthwise_fp32"] = True
+        graph = onnx.load(fp32_path, load_external_data=False).graph
+        extra["nodes_to_exclude"] = [n.name for n in graph.node if n.op_type == "Conv"
+                                     and any(a.name == "group" and a.i > 1 for a in n.attribute)]
     with tempfile.TemporaryDirectory(prefix="ptanet-int8-") as tmp:
         raw = Path(tmp) / "q.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the quantizer's advice to pre-process first (measured: no gain here)
             quantize_static(str(fp32_path), str(raw), Crops(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=types[activation], weight_type=types[weight], reduce_range=reduce_range)
+                            activation_type=types[activation], weight_type=types[weight], reduce_range=reduce_range,
+                            **extra)
         proto = onnx.load(raw)
     fp32 = onnx.load(fp32_path, load_external_data=False)
     props = {p.key: p.value for p in fp32.metadata_props}
