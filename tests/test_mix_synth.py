@@ -47,3 +47,19 @@ def test_too_large_a_share_and_a_missing_set_are_clear_errors(tiny_synth, other_
         resolve_settings(data=str(tiny_synth), mix_synth=0.3)
     with pytest.raises(ValueError, match="mix_synth must be in"):
         resolve_settings(data=str(tiny_synth), mix_synth=1.0, synth_data=str(other_synth))
+
+
+def test_cross_validation_folds_hold_real_people_only(tiny_synth, other_synth, tmp_path):
+    import json
+
+    from ptanet import cv
+
+    settings = _settings(tiny_synth, other_synth, tmp_path, mix_synth=0.3)
+    result = cv.cross_validate(settings, tmp_path / "cv", k=3, only=[], progress=False, log=lambda *_: None)
+    folds = json.loads((tmp_path / "cv" / "folds.json").read_text())["0"]
+    real = set(load_data(_settings(tiny_synth, other_synth, tmp_path), progress=False)["train"].subjects) | set(
+        load_data(_settings(tiny_synth, other_synth, tmp_path), progress=False)["val"].subjects)
+    assert sorted(p for f in folds for p in f) == sorted(real) and len(result["pending"]) == 3
+    fold = load_data(cv.fold_settings(settings, tmp_path / "cv", 0, 0, folds[0]), progress=False)
+    assert any(s.startswith(MIX_PREFIX) for s in fold["train"].subjects)  # every fold trains with the mix
+    assert not any(s.startswith(MIX_PREFIX) for s in fold["holdout"].subjects)

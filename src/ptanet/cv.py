@@ -41,7 +41,7 @@ from ptanet.checkpoint import load_checkpoint
 from ptanet.configs import config_label
 from ptanet.data import CropDataset
 from ptanet.data.cache import CropCache, prepare_cache
-from ptanet.data.dataset import MIX_SPOOF_TYPES, load_items
+from ptanet.data.dataset import MIX_PREFIX, MIX_SPOOF_TYPES, load_items
 from ptanet.metrics import compute_metrics
 from ptanet.preprocess import Preprocess
 from ptanet.scoring import score_configs
@@ -178,9 +178,11 @@ def cross_validate(settings: TrainSettings, out: str | Path, k: int = 4, seeds: 
     whole = load_data(settings, progress)  # the train list, cached once for every fold and seed
     if transfer is not None:  # cached now too, not by parallel processes at the end of their first folds
         transfer_cache(settings, transfer, settings.preprocess, progress)
-    folds_per_seed = {s: subject_folds(whole["train"].subjects + whole["val"].subjects,
-                                       np.concatenate([whole["train"].labels, whole["val"].labels]), k, s)
-                      for s in seeds}
+    # The real people only: the synthetic images of a --mix-synth are training data of every fold.
+    people = [(subject, label) for part in ("train", "val")
+              for subject, label in zip(whole[part].subjects, whole[part].labels.tolist())
+              if not subject.startswith(MIX_PREFIX)]
+    folds_per_seed = {s: subject_folds([p for p, _ in people], [y for _, y in people], k, s) for s in seeds}
     write_json_atomic(out / "folds.json", {str(s): f for s, f in folds_per_seed.items()}, indent=2)
     jobs = [(s, i, fold) for s in seeds for i, fold in enumerate(folds_per_seed[s])]
     chosen = set(range(k) if only is None else only)
