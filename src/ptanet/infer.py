@@ -207,11 +207,12 @@ class Predictor:
         if not crops:
             return
         scores = self.score_crops(crops)
+        threshold = self.threshold  # of the active configuration, looked up once per batch
         for row, score in zip(rows, scores):
             # In float64: numpy would compare a float32 score with the threshold rounded to float32, and
             # a calibrated threshold just above a score would then equal it.
             row["score"] = float(score)
-            row["label"] = self.labels[1] if row["score"] >= self.threshold else self.labels[0]
+            row["label"] = self.labels[1] if row["score"] >= threshold else self.labels[0]
 
     # --- public API -----------------------------------------------------------------------------
     def predict_image(self, image: str | os.PathLike | np.ndarray,
