@@ -57,6 +57,18 @@ def test_switching_gives_the_static_files_outputs(exported):
     assert result["size_bytes"] < static_bytes
 
 
+def test_shared_prefix_variant_runs_the_common_layers_once_with_the_same_outputs(exported, tmp_path):
+    ck, path, _, _ = exported
+    prefixed = Path(export_switchable(ck, tmp_path / "model_switchable.onnx", CONFIGS, share_prefix=True)["path"])
+    outside = [len([n for n in onnx.load(f, load_external_data=False).graph.node if n.op_type not in
+                    ("If", "Equal", "Constant", "Identity")]) for f in (path, prefixed)]
+    assert outside[0] == 0 and outside[1] > 0  # the default keeps every layer inside its branch
+    crops = generated_crops(4, 96, seed=9)
+    default, shared = DeployedModel(path), DeployedModel(prefixed)
+    for cfg in CONFIGS:
+        np.testing.assert_allclose(shared.set_config(cfg).run(crops), default.set_config(cfg).run(crops), atol=1e-6)
+
+
 def test_predictor_switches_an_exported_file(exported, tmp_path, write_image):
     ck, path, _, _ = exported
     images = [write_image(tmp_path / f"{i}.png", 80, 80, seed=i) for i in range(3)]

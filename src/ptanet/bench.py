@@ -493,8 +493,8 @@ class _SessionSet:
 def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int = 1, runs: int = 300,
                       rounds: int = 10, work_dir=None) -> dict:
     """Size, resident memory, switch cost and per-configuration latency of (a) the switchable file,
-    (b) one graph per configuration sharing one external-data weights file, against (c) the static
-    files. Latency ratios are medians of interleaved runs in one process."""
+    (a') its variant with the shared first layers outside the ``If`` nodes, (b) one graph per
+    configuration sharing one external-data weights file, against (c) the static files. Latency ratios are medians of interleaved runs in one process."""
     import tempfile
     from pathlib import Path
 
@@ -515,6 +515,8 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
         static = {c: work / "static" / f"model_{c}.onnx" for c in configs}
         sw_path = work / "switchable" / SWITCHABLE_NAME
         export_switchable(src.checkpoint or src.model, sw_path, configs)
+        prefix_path = work / "shared-prefix" / SWITCHABLE_NAME  # the variant export does not write
+        export_switchable(src.checkpoint or src.model, prefix_path, configs, share_prefix=True)
         prep = Preprocess.from_dict(src.preprocess)
         protos = []
         for c in configs:
@@ -528,10 +530,12 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
 
         x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
         switchable, sessions = DeployedModel(sw_path, threads), _SessionSet(shared_paths, threads)
+        prefixed = DeployedModel(prefix_path, threads)
         statics = {c: DeployedModel(static[c], threads) for c in configs}
         runners = {}
         for c in configs:
             runners[f"switchable|{c}"] = lambda c=c: switchable.set_config(c).run(x)
+            runners[f"prefix|{c}"] = lambda c=c: prefixed.set_config(c).run(x)
             runners[f"shared|{c}"] = lambda c=c: sessions.set_config(c).run(x)
             runners[f"static|{c}"] = lambda c=c: statics[c].run(x)
         samples = interleaved_timings(runners, runs, rounds, 20)
@@ -539,6 +543,7 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
         rows = []
         for option, label, paths, model in (
                 ("switchable", f"one graph, If per configuration ({SWITCHABLE_NAME} + weights)", [sw_path], switchable),
+                ("prefix", "one graph, shared layers before the If (share_prefix=True)", [prefix_path], prefixed),
                 ("shared", "one graph per configuration + one shared weights.bin", shared_paths, sessions),
                 ("static", f"{len(configs)} static files (reference)", list(static.values()), None)):
             folder = paths[0].parent

@@ -19,7 +19,7 @@ from ptanet.data import CropDataset, prepare_split
 from ptanet.data.celeba import describe_parts
 from ptanet.data.dataset import describe_data
 from ptanet.metrics import compute_metrics, eer_threshold, errors_per_group
-from ptanet.threshold import threshold_for
+from ptanet.threshold import describe as describe_threshold, threshold_for
 from ptanet.models import is_pta
 from ptanet.preprocess import Preprocess
 from ptanet.scoring import score_configs
@@ -147,10 +147,7 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
                         thresholds.append(("eer@val", eer_at, threshold_from))
                 stored_at = threshold_for(ck.meta.get("threshold"), config, str(path))
                 if stored_at is not None:  # ptanet calibrate, or per configuration from cross-validation
-                    record = ck.meta["threshold"]
-                    source = record.get("data") if isinstance(record, dict) else None
-                    rule = record.get("rule") if isinstance(record, dict) else None
-                    thresholds.append(("stored", stored_at, f"{rule or 'stored'} on {source or 'unrecorded data'}"))
+                    thresholds.append(("stored", stored_at, describe_threshold(ck.meta["threshold"])))
                 for rule, threshold, where in thresholds:
                     m = compute_metrics(scores, measured.labels, threshold=threshold,
                                         spoof_types=measured_cache.spoof_types[measured.indices])

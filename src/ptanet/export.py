@@ -430,10 +430,9 @@ def build_switchable(protos: list[onnx.ModelProto], share_prefix: bool = False) 
 
     ``share_prefix`` runs the layers all exports share (preprocessing and everything before the first
     PTA block) once, outside the ``If`` nodes. It is off: the activation handed from the outer graph
-    into a branch breaks onnxruntime's layout optimisation at that point, and measured on the paper's
-    six configurations (one thread, batch 1) branches with their own prefix run within 2 % of the
-    static files, against 2-5 % slower with the shared prefix. The prefix weights are stored once
-    in the weights file either way."""
+    into a branch interrupts onnxruntime's layout optimisation there, which makes every configuration
+    slower (``ptanet bench --artifact`` measures both). The prefix weights are stored once in the
+    weights file either way."""
     first = protos[0].graph
     n_common = _common_prefix(protos) if share_prefix else 0
     common_nodes = list(first.node[:n_common])
@@ -489,6 +488,7 @@ def export_switchable(
     configs: Iterable[str] | str | None = None,
     opset: int = DEFAULT_OPSET,
     threshold: float | None = None,
+    share_prefix: bool = False,
 ) -> dict:
     """Export several configurations into one ``.onnx`` file that switches between them at run time.
 
@@ -497,7 +497,8 @@ def export_switchable(
     across configurations are stored once. Inputs: ``image`` (uint8 crops) and ``config`` (int64
     scalar, the index into the metadata's ``configs``; :class:`ptanet.runtime.DeployedModel` maps
     names to indices). Every configuration is verified against PyTorch on real crops before the file
-    is published. ``configs``: as for :func:`export_all`; None = the paper's six.
+    is published. ``configs``: as for :func:`export_all`; None = the paper's six. ``share_prefix``: see
+    :func:`build_switchable`.
     """
     src = _source(checkpoint, None)
     wanted = _wanted_configs(src, configs)
@@ -513,7 +514,7 @@ def export_switchable(
         modules.append(wrapped)
         protos.append(onnx.load_from_string(_to_onnx_bytes(wrapped, prep.size, opset, True)))
         entries.append(_config_entry(module, canonical, prep.size, meta_ck))
-    proto = build_switchable(protos)
+    proto = build_switchable(protos, share_prefix)
     arch = {k: v for k, v in src.model.arch.items() if k != "config"}
     onnx.helper.set_model_props(proto, _json_props(
         _metadata(wanted[0], src, arch, prep.size, threshold, entries)))

@@ -53,3 +53,10 @@ def threshold_for(stored: Any, config: str | None, where: str = "model") -> floa
     key = BASELINE_KEY if config is None else config
     value = per_config.get(key, stored.get("value"))
     return None if value is None else float(value)
+
+
+def describe(stored: Any) -> str:
+    """Where a stored threshold came from, for tables: "<rule> on <data>"."""
+    if isinstance(stored, dict):
+        return f"{stored.get('rule') or 'stored'} on {stored.get('data') or 'unrecorded data'}"
+    return "stored on unrecorded data"
