@@ -493,7 +493,7 @@ class _SessionSet:
 def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int = 1, runs: int = 300,
                       rounds: int = 10, work_dir=None) -> dict:
     """Size, resident memory, switch cost and per-configuration latency of (a) the switchable file,
-    (a') its variant with the shared first layers outside the ``If`` nodes, (b) one graph per
+    (a') its variant with every layer inside the ``If`` branches, (b) one graph per
     configuration sharing one external-data weights file, against (c) the static files. Latency ratios are medians of interleaved runs in one process."""
     import tempfile
     from pathlib import Path
@@ -515,8 +515,8 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
         static = {c: work / "static" / f"model_{c}.onnx" for c in configs}
         sw_path = work / "switchable" / SWITCHABLE_NAME
         export_switchable(src.checkpoint or src.model, sw_path, configs)
-        prefix_path = work / "shared-prefix" / SWITCHABLE_NAME  # the variant export does not write
-        export_switchable(src.checkpoint or src.model, prefix_path, configs, share_prefix=True)
+        prefix_path = work / "own-prefix" / SWITCHABLE_NAME  # the variant export does not write
+        export_switchable(src.checkpoint or src.model, prefix_path, configs, share_prefix=False)
         prep = Preprocess.from_dict(src.preprocess)
         protos = []
         for c in configs:
@@ -543,7 +543,7 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
         rows = []
         for option, label, paths, model in (
                 ("switchable", f"one graph, If per configuration ({SWITCHABLE_NAME} + weights)", [sw_path], switchable),
-                ("prefix", "one graph, shared layers before the If (share_prefix=True)", [prefix_path], prefixed),
+                ("prefix", "one graph, every layer inside its If branch (share_prefix=False)", [prefix_path], prefixed),
                 ("shared", "one graph per configuration + one shared weights.bin", shared_paths, sessions),
                 ("static", f"{len(configs)} static files (reference)", list(static.values()), None)):
             folder = paths[0].parent

@@ -422,17 +422,16 @@ def _common_prefix(protos: list[onnx.ModelProto]) -> int:
     return n
 
 
-def build_switchable(protos: list[onnx.ModelProto], share_prefix: bool = False) -> onnx.ModelProto:
+def build_switchable(protos: list[onnx.ModelProto], share_prefix: bool = True) -> onnx.ModelProto:
     """Merge static exports (same input and outputs) into one graph with an extra int64 scalar input
-    ``config``: a chain of ``If`` nodes runs the whole of export number ``config`` (the last one for
+    ``config``: their common first layers (preprocessing and everything before the first PTA block)
+    run once, then a chain of ``If`` nodes runs the rest of export number ``config`` (the last one for
     any larger index). Only the chosen branch executes, so a configuration costs what its static file
     costs; switching is a different input value, nothing is reloaded or rebuilt.
 
-    ``share_prefix`` runs the layers all exports share (preprocessing and everything before the first
-    PTA block) once, outside the ``If`` nodes. It is off: the activation handed from the outer graph
-    into a branch interrupts onnxruntime's layout optimisation there, which makes every configuration
-    slower (``ptanet bench --artifact`` measures both). The prefix weights are stored once in the
-    weights file either way."""
+    ``share_prefix=False`` puts every layer inside its branch instead. ``ptanet bench --artifact``
+    measures both: the same latency within noise, and the shared prefix holds less memory, so it is
+    the default. The prefix weights are stored once in the weights file either way."""
     first = protos[0].graph
     n_common = _common_prefix(protos) if share_prefix else 0
     common_nodes = list(first.node[:n_common])
@@ -488,7 +487,7 @@ def export_switchable(
     configs: Iterable[str] | str | None = None,
     opset: int = DEFAULT_OPSET,
     threshold: float | None = None,
-    share_prefix: bool = False,
+    share_prefix: bool = True,
 ) -> dict:
     """Export several configurations into one ``.onnx`` file that switches between them at run time.
 
