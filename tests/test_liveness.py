@@ -393,3 +393,25 @@ def test_calibrate_an_onnx_file(tiny_model, tmp_path):
     onnx_path = Path(export_onnx(tiny_model, tmp_path / "m.onnx", config="HHH")["path"])
     result = calibrate(onnx_path, _camera_folder(tmp_path / "camera"), "eer")
     assert Predictor(onnx_path).threshold == result["value"]
+
+
+@pytest.mark.parametrize("layout", ["folder", "file"])
+def test_threshold_stored_in_switchable_artifacts(tiny_model, tmp_path, layout):
+    """Every graph of a switchable folder takes the threshold in place (the weights untouched); a
+    switchable file keeps reading its weights file beside it."""
+    from ptanet.export import export_switchable, export_switchable_folder
+
+    if layout == "folder":
+        path = Path(export_switchable_folder(tiny_model, tmp_path / "sw", ["HHH", "LLL"])["path"])
+        weights = next(path.glob("graphs-*/weights.bin"))
+    else:
+        result = export_switchable(tiny_model, tmp_path / "sw.onnx", ["HHH", "LLL"])
+        path, weights = Path(result["path"]), Path(result["weights"])
+    before = weights.read_bytes()
+    store_threshold(path, {"per_config": {"HHH": 0.3, "LLL": 0.4}, "rule": "eer", "data": "cv", "n": 9})
+    assert weights.read_bytes() == before and len(list(tmp_path.rglob("*.weights"))) <= 1
+    if layout == "file":
+        assert path.stat().st_size < 0.1 * len(before)  # still reads the weights beside it
+    predictor = Predictor(path)
+    assert (predictor.threshold, predictor.threshold_source) == (0.3, "stored")
+    assert predictor.set_config("LLL").threshold == 0.4

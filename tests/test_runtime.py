@@ -1,4 +1,4 @@
-"""The deployment runtime: the switchable file equals the static files, runs without torch, refuses
+"""The deployment runtime: the switchable folder and file equal the static files, runs without torch, refuses
 bad input; the configuration selector and the adaptive controller are pure functions of given
 latencies."""
 
@@ -13,7 +13,7 @@ import pytest
 
 import ptanet.export as export
 from ptanet.checkpoint import save_checkpoint
-from ptanet.export import export_all, export_switchable, generated_crops
+from ptanet.export import export_all, export_switchable, export_switchable_folder, generated_crops
 from ptanet.infer import Predictor
 from ptanet.runtime import AdaptiveController, DeployedModel, pareto_front, select_config
 
@@ -32,6 +32,81 @@ def exported(tmp_path_factory):
     result = export_switchable(ck, root / "sw" / "model_switchable.onnx", CONFIGS)
     export_all(ck, root / "static", CONFIGS)
     return ck, Path(result["path"]), root / "static", result
+
+
+@pytest.fixture(scope="module")
+def folder(exported, tmp_path_factory):
+    result = export_switchable_folder(exported[0], tmp_path_factory.mktemp("folder") / "model_switchable", CONFIGS)
+    return Path(result["path"]), result
+
+
+def test_switchable_folder_gives_the_static_files_outputs(exported, folder):
+    static, (path, result) = exported[2], folder
+    assert set(result["max_abs_diff"]) == set(CONFIGS) and max(result["max_abs_diff"].values()) < 1e-4
+    model = DeployedModel(path)
+    assert model.switchable and model.folder and model.config_names == CONFIGS and model.config == "HHH"
+    crops = generated_crops(5, 96, seed=3)
+    for cfg in CONFIGS[::-1] + CONFIGS:
+        np.testing.assert_array_equal(model.set_config(cfg).run(crops),
+                                      DeployedModel(static / f"model_{cfg}.onnx").run(crops))
+    assert {c["config"]: c["val"] for c in model.configs}["HHH"] == {"acer": 0.05}
+    # A manifest and one content-named subfolder: a graph per configuration and one weights file,
+    # in which tensors equal across configurations are stored once.
+    manifest = json.loads((path / "artifact.json").read_text())
+    assert sorted(p.name for p in path.iterdir()) == ["artifact.json", manifest["dir"]]
+    graphs = path / manifest["dir"]
+    assert sorted(p.name for p in graphs.iterdir()) == sorted(["weights.bin"] + [f"model_{c}.onnx" for c in CONFIGS])
+    static_bytes = sum((static / f"model_{c}.onnx").stat().st_size for c in CONFIGS)
+    assert result["size_bytes"] < 0.6 * static_bytes
+    weights = (graphs / "weights.bin").stat().st_size
+    assert all((graphs / f"model_{c}.onnx").stat().st_size < 0.01 * weights for c in CONFIGS)  # weights outside
+    assert (graphs.stat().st_mode & 0o055) == 0o055  # readable by the service's user, like any exported file
+    # The manifest can be named instead of the folder; each graph is also a valid static file.
+    assert DeployedModel(path / "artifact.json").config_names == CONFIGS
+    single = DeployedModel(graphs / "model_LLL.onnx")
+    assert not single.switchable and single.config == "LLL"
+    np.testing.assert_array_equal(single.run(crops), model.set_config("LLL").run(crops))
+
+
+def test_switchable_folder_export_is_atomic(exported, tmp_path, monkeypatch):
+    ck, out = exported[0], tmp_path / "m"
+    export_switchable_folder(ck, out, ["HHH", "LLL"])
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    monkeypatch.setattr(export, "VERIFY_TOLERANCE", 0.0)
+    monkeypatch.setattr(export, "OWN_ERROR_FACTOR", 0.0)
+    with pytest.raises(RuntimeError, match=r"model_HHH\.onnx: onnxruntime and PyTorch outputs differ"):
+        export_switchable_folder(ck, out, ["HHH", "LHH"])
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing new, nothing lost
+    assert DeployedModel(out).config_names == ["HHH", "LLL"]
+    monkeypatch.undo()
+    export_switchable_folder(ck, out, ["HHH", "LHH"])  # a new export replaces the old graphs
+    assert len(list(out.glob("graphs-*"))) == 1 and DeployedModel(out).config_names == ["HHH", "LHH"]
+
+
+def test_broken_switchable_folders_are_named(folder, tmp_path):
+    import shutil
+
+    src = folder[0]
+    with pytest.raises(ValueError, match=r"empty: not a ptanet switchable folder \(no artifact\.json\)"):
+        (tmp_path / "empty").mkdir()
+        DeployedModel(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    manifest = json.loads((broken / "artifact.json").read_text())
+    (broken / "artifact.json").write_text(json.dumps({**manifest, "format_version": 9}))
+    with pytest.raises(ValueError, match=r"artifact\.json: switchable-folder version 9, this ptanet reads version 1"):
+        DeployedModel(broken)
+    (broken / "artifact.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"artifact\.json: unreadable manifest"):
+        DeployedModel(broken)
+    swapped = [{**g, "config": {"HHH": "LLL", "LLL": "HHH"}.get(g["config"], g["config"])} for g in manifest["graphs"]]
+    (broken / "artifact.json").write_text(json.dumps({**manifest, "graphs": swapped}))
+    with pytest.raises(ValueError, match=r"model_HHH\.onnx: holds configuration HHH, the manifest says LLL"):
+        DeployedModel(broken)
+    (broken / "artifact.json").write_text(json.dumps(manifest))
+    (broken / manifest["dir"] / "model_LHH.onnx").unlink()
+    with pytest.raises(ValueError, match=r"the graph of LHH, .*model_LHH\.onnx, is missing \(copy the whole folder\)"):
+        DeployedModel(broken)
 
 
 def test_switching_gives_the_static_files_outputs(exported):
@@ -88,15 +163,19 @@ def test_cli_exports_the_switchable_file_and_predicts_with_it(exported, tmp_path
     from ptanet.cli import main
 
     ck = exported[0]
-    assert main(["export", str(ck), "--out", str(tmp_path / "d"), "--configs", "HHH,LLL"]) == 0
-    path = tmp_path / "d" / "model_switchable.onnx"
-    assert json.loads(capsys.readouterr().out)["path"] == str(path)
     image = write_image(tmp_path / "face.png", 90, 90)
-    assert main(["predict", str(path), str(image), "--config", "LLL", "--format", "json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["config"] == "LLL" and 0 <= rows[0]["score"] <= 1
-    assert main(["predict", str(path), str(image), "--config", "BBB"]) == 2
-    assert "it holds configurations HHH, LLL" in capsys.readouterr().err
+    scores = []
+    for flags, path in (([], tmp_path / "d" / "model_switchable"),  # the default: a switchable folder
+                        (["--single-file"], tmp_path / "d" / "model_switchable.onnx")):
+        assert main(["export", str(ck), "--out", str(tmp_path / "d"), "--configs", "HHH,LLL", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["path"] == str(path)
+        assert main(["predict", str(path), str(image), "--config", "LLL", "--format", "json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert rows[0]["config"] == "LLL" and 0 <= rows[0]["score"] <= 1
+        scores.append(rows[0]["score"])
+        assert main(["predict", str(path), str(image), "--config", "BBB"]) == 2
+        assert "it holds configurations HHH, LLL" in capsys.readouterr().err
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5)
 
 
 def test_bad_batches_are_refused_with_the_expected_shape(exported):
@@ -125,9 +204,10 @@ def test_failed_check_leaves_the_previous_export_whole(exported, tmp_path, monke
     assert len(list(tmp_path.glob("*.weights"))) == 1 and DeployedModel(tmp_path / "m.onnx").config_names == ["HHH", "LHH"]
 
 
-def test_runtime_runs_without_torch(exported):
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_runtime_runs_without_torch(exported, folder, layout):
     """A deployment has onnxruntime and numpy only: ptanet.runtime must never import torch."""
-    path = exported[1]
+    path = exported[1] if layout == "file" else folder[0]
     code = f"""
 import sys
 class Block:

@@ -423,39 +423,6 @@ def _rss_mb(paths: list[str], size: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def write_shared_weights(protos: list, names: list[str], out_dir) -> list:
-    """The other single-artifact option: one graph per configuration, all reading their weights from
-    one ``weights.bin`` (ONNX external data, each distinct tensor stored once)."""
-    import onnx
-    from onnx.external_data_helper import set_external_data
-
-    from ptanet.export import _content_name
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    offsets: dict[str, tuple[int, int]] = {}
-    with open(out_dir / "weights.bin", "wb") as blob:
-        for proto in protos:
-            for t in proto.graph.initializer:
-                key = _content_name(t)
-                data = onnx.numpy_helper.to_array(t).tobytes()
-                if key not in offsets:
-                    pad = (-blob.tell()) % 64  # aligned, as onnx's own writer does
-                    blob.write(b"\0" * pad)
-                    offsets[key] = (blob.tell(), len(data))
-                    blob.write(data)
-                set_external_data(t, "weights.bin", *offsets[key])
-                t.ClearField("raw_data")
-                for field in ("float_data", "int64_data", "int32_data", "double_data"):
-                    t.ClearField(field)
-                t.data_location = onnx.TensorProto.EXTERNAL
-    paths = []
-    for proto, name in zip(protos, names):
-        path = out_dir / f"graph_{name}.onnx"
-        path.write_bytes(proto.SerializeToString())
-        paths.append(path)
-    return paths
-
-
 def _switch_cost(model, configs: list[str], x: np.ndarray, switches: int = 120) -> float:
     """Median (first inference after a switch) minus median (a steady inference), ms."""
     first, steady = [], []
@@ -470,26 +437,6 @@ def _switch_cost(model, configs: list[str], x: np.ndarray, switches: int = 120) 
     return statistics.median(first) - statistics.median(steady)
 
 
-class _SessionSet:
-    """Several single-configuration files opened once, switched by picking one (the shared-weights option)."""
-
-    def __init__(self, paths, threads: int) -> None:
-        from ptanet.runtime import DeployedModel
-
-        self.models = {}
-        for p in paths:
-            m = DeployedModel(p, threads)
-            self.models[m.config] = m
-        self.current = next(iter(self.models.values()))
-
-    def set_config(self, config: str):
-        self.current = self.models[config]
-        return self
-
-    def run(self, x):
-        return self.current.run(x)
-
-
 def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int = 1, runs: int = 300,
                       rounds: int = 10, work_dir=None) -> dict:
     """Size, resident memory, switch cost and per-configuration latency of (a) the switchable file,
@@ -500,10 +447,10 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
 
     import onnx
 
-    from ptanet.export import (SWITCHABLE_NAME, Deployable, _source, _static_module, _to_onnx_bytes, export_all,
-                               export_switchable)
+    from ptanet.export import (SWITCHABLE_DIR, SWITCHABLE_NAME, _source, export_all, export_switchable,
+                               export_switchable_folder)
     from ptanet.preprocess import Preprocess
-    from ptanet.runtime import DeployedModel
+    from ptanet.runtime import DeployedModel, read_artifact
 
     configs = [parse_config(c) for c in (configs or PAPER_CONFIGS)]
     tmp = tempfile.TemporaryDirectory(prefix="ptanet-artifact-") if work_dir is None else None
@@ -517,19 +464,12 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
         export_switchable(src.checkpoint or src.model, sw_path, configs)
         prefix_path = work / "own-prefix" / SWITCHABLE_NAME  # the variant export does not write
         export_switchable(src.checkpoint or src.model, prefix_path, configs, share_prefix=False)
-        prep = Preprocess.from_dict(src.preprocess)
-        protos = []
-        for c in configs:
-            module, _ = _static_module(src.model, c)
-            proto = onnx.load_from_string(_to_onnx_bytes(Deployable(module, prep).eval(), size, 17, True))
-            proto.CopyFrom(proto)
-            for p in onnx.load(static[c]).metadata_props:  # same metadata as the static file
-                proto.metadata_props.add(key=p.key, value=p.value)
-            protos.append(proto)
-        shared_paths = write_shared_weights(protos, configs, work / "shared")
+        folder = work / "folder" / SWITCHABLE_DIR
+        export_switchable_folder(src.checkpoint or src.model, folder, configs)
+        shared_paths = [g for _, g in read_artifact(folder)]
 
         x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-        switchable, sessions = DeployedModel(sw_path, threads), _SessionSet(shared_paths, threads)
+        switchable, sessions = DeployedModel(sw_path, threads), DeployedModel(folder, threads)
         prefixed = DeployedModel(prefix_path, threads)
         statics = {c: DeployedModel(static[c], threads) for c in configs}
         runners = {}
@@ -542,15 +482,18 @@ def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int
         med = {k: statistics.median(v) for k, v in samples.items()}
         rows = []
         for option, label, paths, model in (
-                ("switchable", f"one graph, If per configuration ({SWITCHABLE_NAME} + weights)", [sw_path], switchable),
-                ("prefix", "one graph, every layer inside its If branch (share_prefix=False)", [prefix_path], prefixed),
-                ("shared", "one graph per configuration + one shared weights.bin", shared_paths, sessions),
+                ("shared", f"switchable folder ({SWITCHABLE_DIR}/): one graph per configuration, one weights.bin",
+                 shared_paths, sessions),
+                ("switchable", f"switchable file ({SWITCHABLE_NAME} + weights): If per configuration", [sw_path],
+                 switchable),
+                ("prefix", "switchable file, every layer inside its If branch (share_prefix=False)", [prefix_path],
+                 prefixed),
                 ("static", f"{len(configs)} static files (reference)", list(static.values()), None)):
-            folder = paths[0].parent
-            disk = sum(p.stat().st_size for p in folder.iterdir() if p.name != "manifest.json")
+            where = paths[0].parent
+            disk = sum(p.stat().st_size for p in where.iterdir() if p.name != "manifest.json")
             ratios = {c: med[f"{option}|{c}"] / med[f"static|{c}"] for c in configs}
             rows.append({
-                "option": label, "files": sum(1 for p in folder.iterdir() if p.name != "manifest.json"),
+                "option": label, "files": sum(1 for p in where.iterdir() if p.name != "manifest.json"),
                 "size_mb": disk / 1e6,
                 "rss_mb": _rss_mb([str(p) for p in paths], size),
                 "switch_ms": _switch_cost(model, configs, x) if model is not None else None,
@@ -591,8 +534,9 @@ def _quality(model_path, quality_json) -> dict[str, float]:
                     best[r["config"]] = r["acer"]
         return best
     path = Path(model_path)
-    if path.suffix.lower() == ".onnx":
-        from ptanet.runtime import read_metadata
+    from ptanet.runtime import is_exported, read_metadata
+
+    if is_exported(path):
 
         return {c["config"]: c["val"]["acer"] for c in read_metadata(path).get("configs", [])
                 if c.get("config") and c.get("val")}
@@ -619,7 +563,9 @@ def selection_rows(model_path, configs: list[str], bench_json=None, runtime: str
         latency = {r["config"]: r["median_ms"] for r in rows
                    if r.get("runtime") == runtime and r.get("config") and r["model"] == config_label(r["config"])}
     else:
-        checkpoint = model_path if Path(model_path).suffix.lower() != ".onnx" else None
+        from ptanet.runtime import is_exported
+
+        checkpoint = None if is_exported(model_path) else model_path
         measured = benchmark(checkpoint, configs, [runtime], runs=runs, rounds=5, fold_bbb=False, batch_runs=1)
         latency = {r["config"]: r["median_ms"] for r in measured["rows"] if r["config"]}
     missing = [c for c in configs if c not in latency]
@@ -677,7 +623,7 @@ def adaptive_benchmark(checkpoint, configs: list[str] | None = None, budget_ms: 
     import tempfile
     from pathlib import Path
 
-    from ptanet.export import SWITCHABLE_NAME, export_switchable
+    from ptanet.export import SWITCHABLE_DIR, export_switchable_folder
     from ptanet.runtime import AdaptiveController, DeployedModel
 
     configs = [parse_config(c) for c in (configs or PAPER_CONFIGS)]
@@ -688,8 +634,8 @@ def adaptive_benchmark(checkpoint, configs: list[str] | None = None, budget_ms: 
     # One busy process per core: a single one leaves a 1-thread model a core of its own, which loads nothing.
     burner = CPUBurner()
     try:
-        path = work / SWITCHABLE_NAME
-        export_switchable(checkpoint, path, ladder)
+        path = work / SWITCHABLE_DIR
+        export_switchable_folder(checkpoint, path, ladder)
         adaptive, fixed = DeployedModel(path, threads), DeployedModel(path, threads).set_config("HHH")
         size = adaptive.size
         x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)

@@ -24,7 +24,8 @@ import torch
 
 from ptanet.atomic import atomic_write
 from ptanet.checkpoint import atomic_torch_save
-from ptanet.infer import ONNX_SUFFIX, Predictor, list_images
+from ptanet.infer import Predictor, list_images
+from ptanet.runtime import ARTIFACT_MANIFEST, is_exported, read_artifact
 from ptanet.metrics import _candidate_thresholds, _error_counts_at, eer_point, error_rates
 
 
@@ -79,14 +80,30 @@ def _labelled(folder: Path) -> tuple[list[Path], list[int]]:
 def store_threshold(model: str | os.PathLike, threshold: dict, out: str | os.PathLike | None = None) -> Path:
     """Write the model with ``threshold`` stored, atomically, to ``out`` or over ``model``."""
     src, dst = Path(model), Path(out) if out is not None else Path(model)
-    if src.suffix.lower() == ONNX_SUFFIX:
+    if is_exported(src):
         import onnx
 
-        proto = onnx.load(os.fspath(src))
-        props = {p.key: p.value for p in proto.metadata_props}
-        props["threshold"] = json.dumps(threshold)
-        onnx.helper.set_model_props(proto, props)
-        return atomic_write(dst, lambda f: f.write(proto.SerializeToString()), binary=True)
+        def with_threshold(graph: Path, external: bool) -> bytes:
+            proto = onnx.load(os.fspath(graph), load_external_data=external)
+            props = {p.key: p.value for p in proto.metadata_props}
+            props["threshold"] = json.dumps(threshold)
+            onnx.helper.set_model_props(proto, props)
+            return proto.SerializeToString()
+
+        if src.is_dir() or src.name == ARTIFACT_MANIFEST:  # a switchable folder: every graph, in place
+            folder = src if src.is_dir() else src.parent
+            if out is not None and Path(out).resolve() != folder.resolve():
+                raise ValueError(f"{src}: a switchable folder takes its threshold in place; copy the folder "
+                                 "first and calibrate the copy instead of giving --out")
+            for _, graph in read_artifact(folder):
+                data = with_threshold(graph, external=False)  # the weights file stays as it is
+                atomic_write(graph, lambda f, data=data: f.write(data), binary=True)
+            return folder
+        # A file whose weights sit beside it (a switchable file) keeps reading them where it is;
+        # written elsewhere, it takes its weights inside.
+        same_place = dst.resolve().parent == src.resolve().parent
+        data = with_threshold(src, external=not same_place)
+        return atomic_write(dst, lambda f: f.write(data), binary=True)
     payload = torch.load(src, map_location="cpu", weights_only=True)
     payload.setdefault("meta", {})["threshold"] = threshold
     atomic_torch_save(payload, dst)

@@ -364,14 +364,18 @@ def _cmd_report(args) -> int:
 
 # --- deployment ------------------------------------------------------------------------------------
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="ONNX: one switchable file holding every configuration (default), or one per "
-                       "configuration, verified against PyTorch on real crops",
-                       description="Default: OUT/model_switchable.onnx, every configuration in one file that switches "
-                       "at run time (a No PTA checkpoint: OUT/model_baseline.onnx). --per-config: one file per "
-                       "configuration plus manifest.json. --int8: per configuration fp32 and INT8 files.")
+    p = sub.add_parser("export", help="ONNX: one switchable folder holding every configuration (default), one "
+                       "switchable file, or one file per configuration, verified against PyTorch on real crops",
+                       description="Default: OUT/model_switchable/, every configuration in one folder that switches "
+                       "at run time (one graph per configuration, one shared weights file; a No PTA checkpoint: "
+                       "OUT/model_baseline.onnx). --single-file: OUT/model_switchable.onnx, one graph with an If per "
+                       "configuration. --per-config: one static file per configuration plus manifest.json. --int8: "
+                       "per configuration fp32 and INT8 files.")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--configs", help="paper (default), all, or a list like HHH,LLL (ignored for No PTA)")
+    p.add_argument("--single-file", action="store_true", help="one switchable .onnx file (If per configuration: "
+                   "less memory, a little slower per image than the folder)")
     p.add_argument("--per-config", action="store_true", help="one static file per configuration + manifest.json")
     p.add_argument("--int8", action="store_true", help="also static INT8 (QDQ) files, calibrated per configuration")
     p.add_argument("--int8-per-tensor", action="store_true", help="per-tensor instead of per-channel weight scales")
@@ -389,7 +393,8 @@ def _cmd_export(args) -> int:
     from pathlib import Path
 
     from ptanet.checkpoint import load_checkpoint
-    from ptanet.export import SWITCHABLE_NAME, export_all, export_int8, export_onnx, export_switchable, onnx_filename
+    from ptanet.export import (SWITCHABLE_DIR, SWITCHABLE_NAME, export_all, export_int8, export_onnx,
+                               export_switchable, export_switchable_folder, onnx_filename)
     from ptanet.models import is_pta
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -410,9 +415,12 @@ def _cmd_export(args) -> int:
     elif args.per_config:
         result = export_all(ck, args.out, configs=args.configs, opset=args.opset, dynamic_batch=not args.static_batch,
                             threshold=args.threshold)
-    elif is_pta(ck.model):
+    elif is_pta(ck.model) and args.single_file:
         result = export_switchable(ck, Path(args.out) / SWITCHABLE_NAME, configs=args.configs, opset=args.opset,
                                    threshold=args.threshold)
+    elif is_pta(ck.model):
+        result = export_switchable_folder(ck, Path(args.out) / SWITCHABLE_DIR, configs=args.configs,
+                                          opset=args.opset, threshold=args.threshold)
     else:
         if args.configs:
             raise ValueError(f"{args.checkpoint}: the model has no PTA blocks; leave out --configs")

@@ -11,7 +11,9 @@ double normalisation, the classic silent failures of exported anti-spoofing mode
 outside the file. Preprocessing, label map, crop rule, threshold and configuration travel in the
 file's ``metadata_props`` (JSON strings; :func:`ptanet.runtime.read_metadata`).
 
-:func:`export_switchable` writes one file that holds several configurations (see its docstring).
+:func:`export_switchable_folder` (``ptanet export``'s default) writes one folder that holds several
+configurations, one graph each, all reading one weights file; :func:`export_switchable` one file
+that holds them as ``If`` branches (see their docstrings and the README's measurements).
 
 Every export is checked before it is published: onnxruntime runs the written file on real face crops
 from the checkpoint's training cache (generated crops when the cache cannot be reached; the result
@@ -41,8 +43,8 @@ from ptanet.checkpoint import Checkpoint, load_checkpoint, versions
 from ptanet.configs import config_label, parse_config, parse_configs
 from ptanet.models import MobileNetV2, held_config, is_pta
 from ptanet.preprocess import Preprocess
-from ptanet.runtime import (CONFIG_INPUT, INPUT_NAME, METADATA_FORMAT, METADATA_VERSION, OUTPUT_NAMES,
-                            ortsession)
+from ptanet.runtime import (ARTIFACT_FORMAT, ARTIFACT_MANIFEST, ARTIFACT_VERSION, CONFIG_INPUT, INPUT_NAME,
+                            METADATA_FORMAT, METADATA_VERSION, OUTPUT_NAMES, ortsession)
 
 DEFAULT_OPSET = 17
 # Float32 conv stacks differ between PyTorch and onnxruntime kernels by ~1e-6 relative; 1e-4 on the
@@ -54,7 +56,8 @@ VERIFY_CROPS = 32  # real crops per parity check: enough to see both classes, qu
 # ill-conditioned but valid model; onnxruntime measured at most 2.5 times PyTorch's error).
 OWN_ERROR_FACTOR = 8.0
 MANIFEST_NAME = "manifest.json"
-SWITCHABLE_NAME = "model_switchable.onnx"
+SWITCHABLE_NAME = "model_switchable.onnx"  # the switchable file (If per configuration)
+SWITCHABLE_DIR = "model_switchable"  # the switchable folder (one graph per configuration, one weights file)
 
 
 class SpoofScorer(nn.Module):
@@ -481,6 +484,130 @@ def _renamed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
     return vi
 
 
+def _switchable_parts(checkpoint, configs, opset: int):
+    """The source, configurations, verified-against modules, graphs and metadata entries of a
+    switchable export (one of each per configuration)."""
+    src = _source(checkpoint, None)
+    wanted = _wanted_configs(src, configs)
+    if wanted == [None]:
+        raise ValueError(f"{src.origin}: the model has no PTA blocks; a switchable artifact needs configurations "
+                         "(export it with export_onnx)")
+    prep = Preprocess.from_dict(src.preprocess)
+    meta_ck = src.checkpoint.meta if src.checkpoint else None
+    modules, protos, entries = [], [], []
+    for config in wanted:
+        module, canonical = _static_module(src.model, config)
+        wrapped = Deployable(module, prep).eval()
+        modules.append(wrapped)
+        protos.append(onnx.load_from_string(_to_onnx_bytes(wrapped, prep.size, opset, True)))
+        entries.append(_config_entry(module, canonical, prep.size, meta_ck))
+    return src, wanted, modules, protos, entries
+
+
+def export_switchable_folder(
+    checkpoint: str | os.PathLike | Checkpoint | MobileNetV2,
+    out_dir: str | os.PathLike,
+    configs: Iterable[str] | str | None = None,
+    opset: int = DEFAULT_OPSET,
+    threshold: float | None = None,
+) -> dict:
+    """Export several configurations into one folder that switches between them at run time.
+
+    Each configuration is the graph :func:`export_onnx` writes (its own BatchNorm statistics folded
+    into its convolutions, the full metadata, so each graph is also a valid static file); all of them
+    read their weights from one ``weights.bin`` (ONNX external data) in which every tensor equal
+    across configurations is stored once. ``artifact.json`` lists the graphs;
+    :class:`ptanet.runtime.DeployedModel` opens one session per graph and switches by choosing one.
+    Against :func:`export_switchable`'s single file it runs each configuration as fast as its static
+    file (no ``If`` dispatch) for a little more memory (README, Deployment). Every graph is verified
+    against PyTorch on real crops before the manifest that publishes it is written; the previous
+    export's files are removed only after that. Returns ``{path, configs, max_abs_diff, ...}``.
+    """
+    src, wanted, modules, protos, entries = _switchable_parts(checkpoint, configs, opset)
+    prep = Preprocess.from_dict(src.preprocess)
+    arch = {k: v for k, v in src.model.arch.items() if k != "config"}
+    for config, proto in zip(wanted, protos):
+        onnx.helper.set_model_props(proto, _json_props(_metadata(config, src, arch, prep.size, threshold, entries)))
+        proto.doc_string = (f"ptanet {config_label(config)} of a switchable folder ({', '.join(wanted)}): face "
+                            "anti-spoofing; uint8 RGB crops in, [live, spoof] out")
+        onnx.checker.check_model(proto)
+    crops, where = parity_crops(src)
+    out_dir = Path(out_dir)
+    diffs: dict[str, float] = {}
+
+    def verify(graphs: dict[str, Path]) -> None:
+        for config, wrapped in zip(wanted, modules):
+            diffs[config] = _verify(graphs[config], wrapped, crops, out_dir / onnx_filename(config))
+
+    size = write_shared_graphs(dict(zip(wanted, protos)), out_dir, verify)
+    return {"path": str(out_dir), "configs": entries, "max_abs_diff": diffs, "parity_data": where,
+            "size_bytes": size, "opset": opset}
+
+
+def write_shared_graphs(protos: dict[str, onnx.ModelProto], out_dir: Path, check=None) -> int:
+    """Write one graph per configuration into a new subfolder of ``out_dir``, with every weight
+    tensor in one ``weights.bin`` beside them (each distinct tensor once), ``check`` the graphs, then
+    publish them by writing ``out_dir/artifact.json`` atomically; returns the bytes written.
+
+    The subfolder is named by the content, so a new export never touches the files the current
+    manifest names: until the manifest is replaced, readers see the previous export whole, and a
+    failed check leaves it in place. Older subfolders are removed once the new manifest is in place.
+    """
+    import shutil
+    import tempfile
+
+    from onnx.external_data_helper import set_external_data
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blobs: dict[str, tuple[int, bytes]] = {}
+    end = 0
+    for proto in protos.values():
+        for t in proto.graph.initializer:
+            if len(t.raw_data) < 1024:
+                continue  # small constants (shapes, scalars) stay inside the graph
+            key = _content_name(t)
+            if key not in blobs:
+                blobs[key] = (end, t.raw_data)
+                end += len(t.raw_data) + (-len(t.raw_data)) % 64  # 64-byte aligned, as onnx's own writer does
+            offset, data = blobs[key]
+            set_external_data(t, "weights.bin", offset, len(data))
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+    serialized = {config: proto.SerializeToString() for config, proto in protos.items()}
+    digest = hashlib.sha1()
+    for config, data in serialized.items():
+        digest.update(config.encode() + data)
+    for _, data in blobs.values():
+        digest.update(data)
+    name = f"graphs-{digest.hexdigest()[:12]}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the graphs from a service running as another user
+    try:
+        with open(tmp / "weights.bin", "wb") as f:
+            for _, data in blobs.values():
+                f.write(data + b"\0" * ((-len(data)) % 64))
+        for config, data in serialized.items():
+            (tmp / onnx_filename(config)).write_bytes(data)
+        if check is not None:
+            check({config: tmp / onnx_filename(config) for config in serialized})
+        final = out_dir / name
+        if final.exists():  # the same export again: its files are already there
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest = {"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "dir": name,
+                "graphs": [{"config": config, "file": onnx_filename(config)} for config in serialized],
+                "weights": "weights.bin"}
+    write_json_atomic(out_dir / ARTIFACT_MANIFEST, manifest, indent=2)
+    for old in out_dir.glob("graphs-*"):
+        if old.name != name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return sum(p.stat().st_size for p in final.iterdir())
+
+
 def export_switchable(
     checkpoint: str | os.PathLike | Checkpoint | MobileNetV2,
     out_path: str | os.PathLike,
@@ -499,20 +626,8 @@ def export_switchable(
     is published. ``configs``: as for :func:`export_all`; None = the paper's six. ``share_prefix``: see
     :func:`build_switchable`.
     """
-    src = _source(checkpoint, None)
-    wanted = _wanted_configs(src, configs)
-    if wanted == [None]:
-        raise ValueError(f"{src.origin}: the model has no PTA blocks; a switchable file needs configurations "
-                         "(export it with export_onnx)")
+    src, wanted, modules, protos, entries = _switchable_parts(checkpoint, configs, opset)
     prep = Preprocess.from_dict(src.preprocess)
-    meta_ck = src.checkpoint.meta if src.checkpoint else None
-    modules, protos, entries = [], [], []
-    for config in wanted:
-        module, canonical = _static_module(src.model, config)
-        wrapped = Deployable(module, prep).eval()
-        modules.append(wrapped)
-        protos.append(onnx.load_from_string(_to_onnx_bytes(wrapped, prep.size, opset, True)))
-        entries.append(_config_entry(module, canonical, prep.size, meta_ck))
     proto = build_switchable(protos, share_prefix)
     arch = {k: v for k, v in src.model.arch.items() if k != "config"}
     onnx.helper.set_model_props(proto, _json_props(

@@ -29,10 +29,9 @@ from ptanet.export import SpoofScorer
 from ptanet.models import held_config, is_pta
 from ptanet.preprocess import (IMAGE_EXTENSIONS, EmptyBoxError, ImageReadError, NoFaceError, Preprocess, box_file_of,
                                choose_box, parse_box_file, read_image_rgb)
-from ptanet.runtime import DeployedModel
+from ptanet.runtime import DeployedModel, is_exported
 from ptanet.threshold import DEFAULT_THRESHOLD, check_threshold, threshold_for
 
-ONNX_SUFFIX = ".onnx"
 class _TorchBackend:
     """A checkpoint run with PyTorch. Switching a PTA configuration swaps branch pointers only."""
 
@@ -121,7 +120,7 @@ class Predictor:
                                           and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be a number in [0, 1] (scores are probabilities), got {threshold!r}")
         path = Path(model_path)
-        if path.suffix.lower() == ONNX_SUFFIX:
+        if is_exported(path):
             self._backend: _TorchBackend | _OnnxBackend = _OnnxBackend(path, config, threads)
         else:
             self._backend = _TorchBackend(path, config)

@@ -28,6 +28,48 @@ METADATA_FORMAT = "ptanet.onnx"
 # 2: uint8 NHWC input with the normalisation inside the graph, probabilities out. Version 1 files took
 # normalised float NCHW input; feeding them crops would silently give wrong scores, so they are refused.
 METADATA_VERSION = 2
+# A switchable folder: one graph per configuration, all reading one weights file, listed by this manifest.
+ARTIFACT_MANIFEST = "artifact.json"
+ARTIFACT_FORMAT = "ptanet.switchable-graphs"
+ARTIFACT_VERSION = 1
+ONNX_SUFFIX = ".onnx"
+
+
+def is_exported(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an exported model (an ``.onnx`` file or a switchable folder), not a checkpoint."""
+    path = Path(path)
+    return (path.suffix.lower() == ONNX_SUFFIX or path.name == ARTIFACT_MANIFEST
+            or (path.is_dir() and (path / ARTIFACT_MANIFEST).is_file()))
+
+
+def read_artifact(path: str | os.PathLike) -> list[tuple[str, Path]]:
+    """The (configuration, graph file) pairs of a switchable folder (or of its ``artifact.json``), in
+    the manifest's order. Raises ValueError naming the folder if it is not one, or is incomplete."""
+    path = Path(path)
+    manifest = path if path.name == ARTIFACT_MANIFEST else path / ARTIFACT_MANIFEST
+    if not manifest.is_file():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        raise ValueError(f"{path}: not a ptanet switchable folder (no {ARTIFACT_MANIFEST})")
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{manifest}: unreadable manifest ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{manifest}: not a ptanet switchable-folder manifest (format {ARTIFACT_FORMAT!r})")
+    if data.get("format_version") != ARTIFACT_VERSION:
+        raise ValueError(f"{manifest}: switchable-folder version {data.get('format_version')!r}, this ptanet "
+                         f"reads version {ARTIFACT_VERSION} only; export the checkpoint again with this ptanet")
+    try:
+        graphs = [(str(g["config"]), manifest.parent / str(data["dir"]) / str(g["file"])) for g in data["graphs"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{manifest}: corrupt manifest (missing {exc})") from None
+    if not graphs:
+        raise ValueError(f"{manifest}: the manifest lists no graphs")
+    for config, graph in graphs:
+        if not graph.is_file():
+            raise ValueError(f"{manifest}: the graph of {config}, {graph}, is missing (copy the whole folder)")
+    return graphs
 
 
 def ortsession(path: str | os.PathLike, threads: int = 1) -> ort.InferenceSession:
@@ -61,6 +103,8 @@ def read_metadata(source: str | os.PathLike | ort.InferenceSession, name: str | 
     ``outputs``, ``versions``. Raises ValueError naming the file (``name`` for a session) if it was
     not written by ptanet.
     """
+    if not isinstance(source, ort.InferenceSession) and (Path(source).is_dir() or Path(source).name == ARTIFACT_MANIFEST):
+        return read_metadata(read_artifact(source)[0][1])  # a switchable folder: every graph has the metadata
     session = source if isinstance(source, ort.InferenceSession) else ortsession(source)
     props = session.get_modelmeta().custom_metadata_map
     where = name or (source if not isinstance(source, ort.InferenceSession) else "<onnx session>")
@@ -102,9 +146,11 @@ def _config_name(text: str) -> str:
 
 class DeployedModel:
     """An exported ptanet model run with onnxruntime: a static file (one configuration) or a
-    switchable one (several, chosen with :meth:`set_config`, no reload).
+    switchable artifact (several, chosen with :meth:`set_config`, no reload): a switchable folder
+    (one graph per configuration sharing one weights file, ``ptanet export``'s default) or a
+    switchable file (one graph, an ``If`` per configuration, the configuration an input).
 
-    ``configs`` lists what the file holds, each with ``config``, ``model``, ``params``, ``macs``,
+    ``configs`` lists what the artifact holds, each with ``config``, ``model``, ``params``, ``macs``,
     ``mops`` and ``val`` (the validation metrics recorded with the checkpoint, or None). ``run``
     takes uint8 RGB face crops (N, S, S, 3) as ``Preprocess.crop`` gives them and returns the
     (N, 2) probabilities [live, spoof]; :attr:`threshold` is the spoof threshold the file stores for
@@ -114,35 +160,63 @@ class DeployedModel:
 
     def __init__(self, path: str | os.PathLike, threads: int = 1, warm: bool = True) -> None:
         self.path = Path(path)
-        self.session = ortsession(self.path, threads)
-        self.meta = read_metadata(self.session, str(self.path))
-        check_threshold(self.meta.get("threshold"), str(self.path))
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        size = int(self.meta["preprocess"]["size"])
-        image = inputs.get(INPUT_NAME)
-        if image is None or image.type != "tensor(uint8)" or list(image.shape[1:]) != [size, size, 3]:
-            got = f"{image.name} {image.type} {image.shape}" if image is not None else f"no input {INPUT_NAME!r}"
-            raise ValueError(f"{self.path}: input {got} does not match the metadata (expected {INPUT_NAME} "
-                             f"uint8 [N, {size}, {size}, 3])")
-        self.size = size
+        if self.path.is_dir() or self.path.name == ARTIFACT_MANIFEST:
+            graphs = read_artifact(self.path)
+            self._graphs = {config: ortsession(graph, threads) for config, graph in graphs}
+            where = {config: str(graph) for config, graph in graphs}
+        else:
+            self._graphs = {None: ortsession(self.path, threads)}
+            where = {None: str(self.path)}
+        metas = {config: read_metadata(session, where[config]) for config, session in self._graphs.items()}
+        self.meta = next(iter(metas.values()))
+        for config, meta in metas.items():
+            check_threshold(meta.get("threshold"), where[config])
+            self.size = self._check_input(self._graphs[config], meta, where[config])
+            if config is not None and (meta.get("config") or "No PTA") != config:
+                raise ValueError(f"{where[config]}: holds configuration {meta.get('config') or 'No PTA'}, "
+                                 f"the manifest says {config}")
+        image = self._graphs[next(iter(self._graphs))].get_inputs()[0]
         self.fixed_batch = image.shape[0] if isinstance(image.shape[0], int) else None
-        self.switchable = CONFIG_INPUT in inputs
+        self.folder = None not in self._graphs
+        one = next(iter(self._graphs.values()))
+        self.switchable = self.folder or CONFIG_INPUT in {i.name for i in one.get_inputs()}
         self.configs: list[dict] = list(self.meta.get("configs") or [])
         self._index = {(c["config"] or "No PTA"): k for k, c in enumerate(self.configs)}
         if self.switchable and not self.configs:
             raise ValueError(f"{self.path}: a switchable file without the list of its configurations in the metadata")
-        self._feed_config = np.array(0, np.int64)
+        if self.folder and set(self._index) != set(self._graphs):
+            raise ValueError(f"{self.path}: the manifest lists {', '.join(self._graphs)}, the graphs' metadata "
+                             f"{', '.join(self._index)}")
+        # (session, extra feeds) of the active configuration, replaced whole by set_config, so that a
+        # run in another thread keeps the pair it started with.
+        self._active: tuple[ort.InferenceSession, dict] = (one, {})
         self.config: str | None = self.meta.get("config")
         if self.switchable:
-            self.set_config(self.configs[0]["config"])
+            self.set_config(self.configs[0]["config"] or "No PTA")
         if warm:
-            blank = np.zeros((self.fixed_batch or 1, size, size, 3), np.uint8)
+            blank = np.zeros((self.fixed_batch or 1, self.size, self.size, 3), np.uint8)
             for c in (self.configs if self.switchable else [None]):
                 if c is not None:
-                    self.set_config(c["config"])
+                    self.set_config(c["config"] or "No PTA")
                 self.run(blank)
             if self.switchable:
-                self.set_config(self.configs[0]["config"])
+                self.set_config(self.configs[0]["config"] or "No PTA")
+
+    @staticmethod
+    def _check_input(session: ort.InferenceSession, meta: dict, where: str) -> int:
+        inputs = {i.name: i for i in session.get_inputs()}
+        size = int(meta["preprocess"]["size"])
+        image = inputs.get(INPUT_NAME)
+        if image is None or image.type != "tensor(uint8)" or list(image.shape[1:]) != [size, size, 3]:
+            got = f"{image.name} {image.type} {image.shape}" if image is not None else f"no input {INPUT_NAME!r}"
+            raise ValueError(f"{where}: input {got} does not match the metadata (expected {INPUT_NAME} "
+                             f"uint8 [N, {size}, {size}, 3])")
+        return size
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The onnxruntime session that runs the active configuration."""
+        return self._active[0]
 
     @property
     def config_names(self) -> list[str]:
@@ -163,9 +237,10 @@ class DeployedModel:
             held = (f"configuration {self.config_names[0]} only" if len(self._index) == 1
                     else f"configurations {', '.join(self.config_names)}")
             raise ValueError(f"{self.path}: no configuration {config!r} in this file; it holds {held}")
-        if self.switchable:
-            # A fresh array, not an in-place write: a run in another thread keeps its own index.
-            self._feed_config = np.array(self._index[name], np.int64)
+        if self.folder:
+            self._active = (self._graphs[name], {})
+        elif self.switchable:
+            self._active = (self._active[0], {CONFIG_INPUT: np.array(self._index[name], np.int64)})
         self.config = None if name == "No PTA" else name
         return self
 
@@ -183,9 +258,9 @@ class DeployedModel:
     def run(self, crops: np.ndarray) -> np.ndarray:
         """(N, 2) probabilities [live, spoof] of the active configuration."""
         crops = self._check(crops)
-        feeds = {CONFIG_INPUT: self._feed_config} if self.switchable else {}
+        session, feeds = self._active
         step = self.fixed_batch or max(len(crops), 1)
-        outs = [self.session.run([OUTPUT_NAMES[0]], {INPUT_NAME: crops[i:i + step], **feeds})[0]
+        outs = [session.run([OUTPUT_NAMES[0]], {INPUT_NAME: crops[i:i + step], **feeds})[0]
                 for i in range(0, len(crops), step)]
         return np.concatenate(outs) if outs else np.zeros((0, 2), np.float32)
 
