@@ -234,3 +234,17 @@ def test_int8_calibrated_on_real_crops_and_checked(trained_like, tmp_path):
     with pytest.raises(RuntimeError, match=r"model_HHH\.int8\.onnx: INT8 and fp32 probabilities differ .* not written"):
         export_int8(trained_like, tmp_path, ["HHH"], tolerance=0.0)
     assert not (tmp_path / "model_HHH.int8.onnx").exists()
+
+
+def test_int8_qoperator_format(trained_like, tmp_path):
+    from ptanet.export import export_int8, quantize_int8
+
+    export_int8(trained_like, tmp_path, ["LLL"])
+    fp32, crops = tmp_path / "model_LLL.onnx", generated_crops(16, 48, seed=2)
+    result = quantize_int8(fp32, tmp_path / "q.onnx", crops[:8], crops[8:], tolerance=1.0, quant_format="QOperator")
+    ops = {n.op_type for n in onnx.load(result["path"]).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops  # integer convolutions, none left in float
+    assert read_metadata(result["path"])["quantization"]["format"] == "QOperator"
+    assert np.abs(_ort_outputs(result["path"], crops)[0] - _ort_outputs(fp32, crops)[0]).max() < 0.3
+    with pytest.raises(ValueError, match="quant_format is QDQ or QOperator"):
+        quantize_int8(fp32, tmp_path / "x.onnx", crops[:8], crops[8:], quant_format="QInt")

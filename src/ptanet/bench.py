@@ -794,6 +794,7 @@ INT8_VARIANTS = [
     {"per_channel": True, "activation": "S8", "weight": "S8", "reduce_range": False},
     {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": True},
     {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False, "depthwise_fp32": True},
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False, "quant_format": "QOperator"},
 ]
 
 
@@ -823,7 +824,8 @@ def int8_options(checkpoint, configs: list[str], runs: int = 200, rounds: int = 
                 runners[f"{c}|{k}"] = lambda m=m8: m.run(x)
                 name = (f"{'per-channel' if v['per_channel'] else 'per-tensor'}, {v['activation']}{v['weight']}"
                         f"{', reduce_range' if v['reduce_range'] else ''}"
-                        f"{', depthwise convolutions fp32' if v.get('depthwise_fp32') else ''}")
+                        f"{', depthwise convolutions fp32' if v.get('depthwise_fp32') else ''}"
+                        f"{', QOperator format' if v.get('quant_format') == 'QOperator' else ''}")
                 rows.append({"config": c, "model": config_label(c), "variant": k, "options": name,
                              **{key: r[key] for key in ("mean_abs_diff", "max_abs_diff", "label_agreement")}})
         samples = interleaved_timings(runners, runs, rounds, 20)

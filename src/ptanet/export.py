@@ -744,9 +744,11 @@ def int8_crops(src: _Source, n: int = 128) -> tuple[np.ndarray, np.ndarray, str]
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray,
                   check: np.ndarray, per_channel: bool = True, activation: str = "U8", weight: str = "S8",
-                  reduce_range: bool = False, tolerance: float = INT8_TOLERANCE, depthwise_fp32: bool = False) -> dict:
-    """Static QDQ quantization of an exported fp32 file, calibrated (min/max) on ``calibration``
-    crops (``depthwise_fp32``: the depthwise convolutions stay fp32); written only if its probabilities
+                  reduce_range: bool = False, tolerance: float = INT8_TOLERANCE, depthwise_fp32: bool = False,
+                  quant_format: str = "QDQ") -> dict:
+    """Static quantization of an exported fp32 file, calibrated (min/max) on ``calibration`` crops
+    (``depthwise_fp32``: the depthwise convolutions stay fp32; ``quant_format``: "QDQ" or
+    "QOperator", whose QLinearConv nodes onnxruntime runs without the QDQ fusion pass); written only if its probabilities
     on ``check`` crops differ from the fp32 file's by at most ``tolerance`` on average, with at least :data:`INT8_AGREEMENT` of the labels equal. Returns ``{path, max_abs_diff, mean_abs_diff, label_agreement, size_bytes, options}``."""
     import tempfile
 
@@ -765,6 +767,10 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     options = {"per_channel": per_channel, "activation": activation, "weight": weight, "reduce_range": reduce_range}
+    if quant_format not in ("QDQ", "QOperator"):
+        raise ValueError(f"quant_format is QDQ or QOperator, got {quant_format!r}")
+    if quant_format != "QDQ":
+        options["format"] = quant_format
     extra = {}
     if depthwise_fp32:
         options["depthwise_fp32"] = True
@@ -775,13 +781,14 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         raw = Path(tmp) / "q.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the quantizer's advice to pre-process first (measured: no gain here)
-            quantize_static(str(fp32_path), str(raw), Crops(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            quantize_static(str(fp32_path), str(raw), Crops(), quant_format=getattr(QuantFormat, quant_format),
+                            per_channel=per_channel,
                             activation_type=types[activation], weight_type=types[weight], reduce_range=reduce_range,
                             **extra)
         proto = onnx.load(raw)
     fp32 = onnx.load(fp32_path, load_external_data=False)
     props = {p.key: p.value for p in fp32.metadata_props}
-    props["quantization"] = json.dumps({"method": "onnxruntime static QDQ, min/max calibration",
+    props["quantization"] = json.dumps({"method": f"onnxruntime static {quant_format}, min/max calibration",
                                         "calibration_crops": len(calibration), **options}, sort_keys=True)
     onnx.helper.set_model_props(proto, props)
     expected = ortsession(fp32_path).run([OUTPUT_NAMES[0]], {INPUT_NAME: check})[0]
