@@ -178,6 +178,17 @@ def test_cli_exports_the_switchable_file_and_predicts_with_it(exported, tmp_path
     assert scores[0] == pytest.approx(scores[1], abs=1e-5)
 
 
+def test_graph_optimisation_levels_give_the_same_outputs(exported):
+    from ptanet.runtime import ortsession
+
+    static, crops = exported[2] / "model_LHH.onnx", generated_crops(3, 96, seed=4)
+    want = DeployedModel(static).run(crops)
+    for level in ("basic", "extended"):
+        np.testing.assert_allclose(DeployedModel(static, optimization=level).run(crops), want, atol=1e-5)
+    with pytest.raises(ValueError, match="optimization must be one of basic, extended, all, got 'fast'"):
+        ortsession(static, optimization="fast")
+
+
 def test_bad_batches_are_refused_with_the_expected_shape(exported):
     model = DeployedModel(exported[1])
     good = generated_crops(2, 96)

@@ -236,12 +236,14 @@ def fold_both_average(module: nn.Module) -> nn.Module:
 
 def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: Iterable[str] = ("torch", "onnxruntime"),
               threads: int = 1, runs: int = 300, rounds: int = 10, warmup: int = 20, batch_runs: int = 10,
-              size: int = 128, work_dir=None, int8_dir=None, fold_bbb: bool = True, progress: bool = True) -> dict:
+              size: int = 128, work_dir=None, int8_dir=None, fold_bbb: bool = True, progress: bool = True,
+              optimization: str = "all") -> dict:
     """Batch-1 latency (median, p90 over ``runs`` timed calls after ``warmup``, interleaved over
     ``rounds``) and batch-32 throughput of No PTA and each configuration, per runtime: ``torch``
     (eager, the exported :class:`ptanet.export.Deployable` module), ``onnxruntime`` (its fp32 file),
     ``int8`` (the files of ``int8_dir``, from ``ptanet export --int8``). Relative latency is against
-    No PTA in the same runtime and run. With ``fold_bbb``, BBB is also timed with the average folded
+    No PTA in the same runtime and run; ``optimization``: onnxruntime's graph optimisation level
+    (``ptanet.runtime.ortsession``). With ``fold_bbb``, BBB is also timed with the average folded
     into its branches (row "PTA-BBB (folded)"). Returns ``{rows, environment}``."""
     import tempfile
     from pathlib import Path
@@ -282,7 +284,7 @@ def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: I
                 path = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}.onnx"
                 if not path.exists():
                     _export_static(module, cfg, _source(ck or module, prep), path, 17, True)
-                runtime = DeployedModel(path, threads)
+                runtime = DeployedModel(path, threads, optimization=optimization)
                 runners[(label, "onnxruntime")] = lambda r=runtime: r.run(x1)
                 batch_runners[(label, "onnxruntime")] = lambda r=runtime: r.run(x32)
                 meta[(label, "onnxruntime")] = (cfg, macs)
@@ -291,7 +293,7 @@ def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: I
 
                 path = Path(int8_dir) / onnx_filename(cfg).replace(".onnx", ".int8.onnx")
                 if path.exists():
-                    runtime = DeployedModel(path, threads)
+                    runtime = DeployedModel(path, threads, optimization=optimization)
                     runners[(label, "int8")] = lambda r=runtime: r.run(x1)
                     batch_runners[(label, "int8")] = lambda r=runtime: r.run(x32)
                     meta[(label, "int8")] = (cfg, macs)
@@ -322,7 +324,7 @@ def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: I
                 r["relative_p10"] = r["p10_ms"] / base["p10_ms"]
     order = {"torch": 0, "onnxruntime": 1, "int8": 2}
     rows.sort(key=lambda r: (order.get(r["runtime"], 9), keys.index((r["model"], r["runtime"]))))
-    return {"rows": rows, "environment": environment(threads)}
+    return {"rows": rows, "environment": {**environment(threads), "ort_optimization": optimization}}
 
 
 def speed_ratios(rows: list[dict]) -> list[dict]:

@@ -488,6 +488,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--batch-runs", type=int, default=10, help="timed batch-32 runs per model")
     p.add_argument("--no-fold-bbb", action="store_true", help="skip the BBB variant with the average folded in")
+    p.add_argument("--ort-optimization", choices=("basic", "extended", "all"), default="all",
+                   help="onnxruntime graph optimisation level (default all, what deployments use)")
     p.add_argument("--artifact", action="store_true",
                    help="instead: compare the switchable file with the six static files and with six graphs "
                    "sharing one weights file (size, resident memory, switch time, latency)")
@@ -540,7 +542,8 @@ def _cmd_bench(args) -> int:
         raise ValueError("--runtimes int8 needs --int8-dir (the folder ptanet export --int8 wrote)")
     result = bench.benchmark(args.checkpoint, configs, runtimes, threads=args.threads, runs=args.runs,
                              rounds=args.rounds, warmup=args.warmup, batch_runs=args.batch_runs,
-                             int8_dir=args.int8_dir, fold_bbb=not args.no_fold_bbb)
+                             int8_dir=args.int8_dir, fold_bbb=not args.no_fold_bbb,
+                             optimization=args.ort_optimization)
     _print_table(result["rows"], bench.BENCH_COLUMNS, args.format, args.out)
     ratios = bench.speed_ratios(result["rows"])
     print(_render(ratios, [("ratio", "Ratio", "str"), ("value", "Measured", "f3"), ("target", "Target", "str")]), file=sys.stderr)
