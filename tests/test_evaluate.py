@@ -136,3 +136,28 @@ def test_evaluate_on_a_test_only_root_takes_the_threshold_from_the_checkpoints_o
         evaluate_checkpoints([moved], **quiet)
     with pytest.raises(ValueError, match="--split val measures the validation part"):
         evaluate_checkpoints([tiny_runs["mobilenet_v2"]], data=str(other), split="val", **quiet)
+
+
+def test_an_exported_model_gets_the_checkpoints_rows(tiny_runs, tmp_path, capsys):
+    """ptanet evaluate on what a deployment runs: the switchable folder's rows equal the checkpoint's
+    (its per-configuration BatchNorm statistics are in the graphs), and a static file works too."""
+    from ptanet.export import export_onnx, export_switchable_folder
+
+    ck = tiny_runs["pta_mobilenet_v2"]
+    folder = export_switchable_folder(ck, tmp_path / "model_switchable", ["HHH", "LLL"])["path"]
+    quiet = dict(progress=False, log=lambda *_: None)
+    want = {(r["config"], r["threshold_rule"]): r for r in evaluate_checkpoints([ck], ["HHH", "LLL"], **quiet)
+            if r["bn"] == "recalibrated"}
+    rows = evaluate_checkpoints([folder], **quiet)
+    assert [(r["config"], r["bn"], r["threshold_rule"]) for r in rows] == [
+        (c, "exported", t) for c in ("HHH", "LLL") for t in ("0.5", "eer@val")]
+    for r in rows:
+        w = want[(r["config"], r["threshold_rule"])]
+        assert r["n"] == w["n"] and r["auc"] == pytest.approx(w["auc"], abs=1e-6)
+        # The EER point lies between two scores: float32 kernels may move it within that gap, not the ACER.
+        assert r["acer"] == pytest.approx(w["acer"]) and r["threshold"] == pytest.approx(w["threshold"], abs=1e-3)
+    static = export_onnx(ck, tmp_path / "model_LLL.onnx", config="LLL")["path"]
+    assert main(["evaluate", static, "--out", str(tmp_path / "e")]) == 0
+    assert "exported model (onnxruntime)" in (tmp_path / "e" / "table3.md").read_text()
+    with pytest.raises(ValueError, match=r"model_switchable: no configuration BBB in this model; it holds HHH, LLL"):
+        evaluate_checkpoints([folder], ["BBB"], **quiet)

@@ -315,8 +315,9 @@ def _cmd_recalibrate(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="paper Table 3 for checkpoints on their test split")
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files (e.g. RUN/best.pt); several make one table")
+    p = sub.add_parser("evaluate", help="paper Table 3 for checkpoints or exported models on their test split")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files (e.g. RUN/best.pt) or exported models (.onnx, "
+                   "switchable folder); several make one table")
     p.add_argument("--configs", help="PTA configurations: paper (default), all, or a list like HHH,LLL")
     p.add_argument("--data", help="evaluate on this data root instead of the one the checkpoint was trained on "
                    "(only its test split is read: a test-only set works)")
@@ -336,7 +337,7 @@ def _cmd_evaluate(args) -> int:
     from ptanet.configs import parse_configs
     from ptanet.evaluate import evaluate_checkpoints, table3_markdown, write_table3
 
-    rows = evaluate_checkpoints(args.checkpoints, parse_configs(args.configs), data=args.data,
+    rows = evaluate_checkpoints(args.checkpoints, parse_configs(args.configs) if args.configs else None, data=args.data,
                                 bn_recalibration=not args.no_bn_recalibration, split=args.split,
                                 source=args.source, cache=args.cache)
     out = Path(args.out) if args.out else Path(args.checkpoints[0]).parent / ("eval" if args.split == "test" else "eval-val")

@@ -93,7 +93,9 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
                          split: str = "test", source: str | None = None, cache: str | None = None) -> list[dict[str, Any]]:
     """Table 3 rows for each checkpoint: the baseline gives one model row, a PTA model one per
     configuration (and BN mode); each at threshold 0.5, at the validation EER threshold and, when the
-    checkpoint stores one (``ptanet.threshold``), at its stored threshold (rule ``"stored"``).
+    checkpoint stores one (``ptanet.threshold``), at its stored threshold (rule ``"stored"``). An
+    exported model (``.onnx`` file or switchable folder) in ``checkpoints`` gets the same rows from
+    onnxruntime, per configuration it holds (BN column "exported").
 
     The measured data is the checkpoint's own (the root, split and cache it was trained with) unless
     ``data`` names another root, whose ``split`` alone is read (``source`` its layout, default the
@@ -104,9 +106,15 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLITS)}")
+    from ptanet.runtime import is_exported
+
+    requested = None if configs is None else list(configs)
     configs = parse_configs(None) if configs is None else list(configs)
     rows: list[dict[str, Any]] = []
     for path in map(Path, checkpoints):
+        if is_exported(path):  # an ONNX export: what a deployment runs
+            rows += _evaluate_exported(path, requested, data, split, source, cache, progress, log)
+            continue
         ck = load_checkpoint(path)
         stored = ck.meta.get("settings") or {}
         own = resolve_settings(**stored) if stored.get("data") else None
@@ -148,16 +156,74 @@ def evaluate_checkpoints(checkpoints: Iterable[str | Path], configs: Iterable[st
                 stored_at = threshold_for(ck.meta.get("threshold"), config, str(path))
                 if stored_at is not None:  # ptanet calibrate, or per configuration from cross-validation
                     thresholds.append(("stored", stored_at, describe_threshold(ck.meta["threshold"])))
-                for rule, threshold, where in thresholds:
-                    m = compute_metrics(scores, measured.labels, threshold=threshold,
-                                        spoof_types=measured_cache.spoof_types[measured.indices])
-                    subjects = [measured_cache.subjects[i] for i in measured.indices]
-                    per_subject = errors_per_group(scores, measured.labels, subjects, threshold)
-                    rows.append({"model": config_label(config), "config": config, "bn": bn, "split": split,
-                                 "threshold_rule": rule, "checkpoint": str(path), "data": measured_root, **m,
-                                 "threshold": threshold, "threshold_from": where, "per_subject": per_subject})
-                log(f"{config_label(config)} ({bn} BN): {split} ACER "
-                    + ", ".join(f"{100 * r['acer']:.2f}% at {r['threshold_rule']}" for r in rows[-len(thresholds):]))
+                rows += _rows(path, config, bn, split, scores, measured, measured_cache, measured_root, thresholds, log)
+    return rows
+
+
+def _rows(path: Path, config: str | None, bn: str, split: str, scores, measured, measured_cache, measured_root: str,
+          thresholds: list[tuple[str, float, str | None]], log=print) -> list[dict]:
+    """One row per (rule, threshold, where it came from) of ``scores`` on ``measured``."""
+    rows = []
+    for rule, threshold, where in thresholds:
+        m = compute_metrics(scores, measured.labels, threshold=threshold,
+                            spoof_types=measured_cache.spoof_types[measured.indices])
+        subjects = [measured_cache.subjects[i] for i in measured.indices]
+        per_subject = errors_per_group(scores, measured.labels, subjects, threshold)
+        rows.append({"model": config_label(config), "config": config, "bn": bn, "split": split,
+                     "threshold_rule": rule, "checkpoint": str(path), "data": measured_root, **m,
+                     "threshold": threshold, "threshold_from": where, "per_subject": per_subject})
+    log(f"{config_label(config)} ({bn} BN): {split} ACER "
+        + ", ".join(f"{100 * r['acer']:.2f}% at {r['threshold_rule']}" for r in rows))
+    return rows
+
+
+def _exported_scores(model, dataset, batch: int = 64):
+    """Spoof scores of an exported model (``ptanet.runtime.DeployedModel``) on a crop dataset's images."""
+    import numpy as np
+
+    crops = dataset.cache.crops
+    index = np.asarray(dataset.indices)
+    return np.concatenate([model.spoof_scores(np.ascontiguousarray(crops[index[i:i + batch]]))
+                           for i in range(0, len(index), batch)]) if len(index) else np.zeros(0, np.float32)
+
+
+def _evaluate_exported(path: Path, configs: list[str] | None, data: str | None, split: str, source: str | None,
+                       cache: str | None, progress: bool, log=print) -> list[dict[str, Any]]:
+    """Table 3 rows of an exported model (static file, switchable folder or file), per configuration
+    it holds (or those of ``configs``). The graph holds the BatchNorm statistics it was exported with
+    (rows "exported"); its metadata holds the checkpoint's training settings, whose data gives the
+    default measured set and the validation part for the EER threshold when that data is here."""
+    from ptanet.runtime import DeployedModel
+
+    model = DeployedModel(path)
+    preprocess = Preprocess.from_dict(model.meta["preprocess"])
+    stored = model.meta.get("training") or {}
+    own = resolve_settings(**stored) if isinstance(stored, dict) and stored.get("data") else None
+    if own is None and data is None:
+        raise ValueError(f"{path}: the model records no training data to measure on; pass --data")
+    own_caches, measured_cache, measured_root = _measured_data(path, preprocess, own, data, split, source, cache,
+                                                               progress, log)
+    measured = CropDataset(measured_cache, preprocess)
+    val = CropDataset(own_caches["val"], preprocess) if own_caches is not None else None
+    held = model.config_names
+    wanted = held if configs is None else [c or "No PTA" for c in configs]
+    unknown = [c for c in wanted if c not in held]
+    if unknown:
+        raise ValueError(f"{path}: no configuration {', '.join(unknown)} in this model; it holds {', '.join(held)}")
+    rows: list[dict[str, Any]] = []
+    for name in wanted:
+        model.set_config(name)
+        config = model.config
+        scores = _exported_scores(model, measured)
+        thresholds = [("0.5", 0.5, "fixed")]
+        if val is not None:
+            eer_at = eer_threshold(scores if split == "val" else _exported_scores(model, val), val.labels)
+            if not math.isnan(eer_at):
+                thresholds.append(("eer@val", eer_at, f"validation part of {own.data}"))
+        stored_at = threshold_for(model.meta.get("threshold"), config, str(path))
+        if stored_at is not None:
+            thresholds.append(("stored", stored_at, describe_threshold(model.meta["threshold"])))
+        rows += _rows(path, config, "exported", split, scores, measured, measured_cache, measured_root, thresholds, log)
     return rows
 
 
@@ -165,7 +231,7 @@ def select(rows: list[dict], threshold_rule: str = "0.5", bn: str | None = None)
     """Rows of one threshold rule; for PTA rows one BN mode (default: recalibrated if present)."""
     picked = [r for r in rows if r["threshold_rule"] == threshold_rule]
     modes = {r["bn"] for r in picked if r["config"]}
-    bn = bn or ("recalibrated" if "recalibrated" in modes else "shared")
+    bn = bn or next((m for m in ("recalibrated", "exported") if m in modes), "shared")
     return [r for r in picked if r["config"] is None or r["bn"] == bn]
 
 
@@ -174,13 +240,14 @@ def table3_markdown(rows: list[dict]) -> str:
     sections = []
     modes = {r["bn"] for r in rows if r["config"]}
     split = SPLITS[rows[0].get("split", "test")] if rows else SPLITS["test"]
-    for bn in [m for m in ("recalibrated", "shared") if m in modes] or ["shared"]:
+    for bn in [m for m in ("recalibrated", "shared", "exported") if m in modes] or ["shared"]:
         for rule, rule_text in (("0.5", "threshold 0.5"), ("eer@val", "threshold = EER point on validation"),
                                 ("stored", "threshold stored with the model")):
             picked = select(rows, rule, bn)
             if picked:
                 bn_text = {"recalibrated": "per-configuration BatchNorm statistics",
-                           "shared": "shared BatchNorm statistics (paper)"}[bn]
+                           "shared": "shared BatchNorm statistics (paper)",
+                           "exported": "exported model (onnxruntime)"}[bn]
                 where = sorted({r["threshold_from"] for r in picked if rule != "0.5"})
                 source = f"\n\nThresholds chosen on the {'; '.join(where)}." if where else ""
                 sections.append(f"### {split}, {rule_text}, {bn_text}{source}\n\n{to_markdown(picked, TABLE3_COLUMNS)}")

@@ -208,6 +208,9 @@ def _metadata(config: str | None, src: _Source, arch: dict, size: int, threshold
                     "spoof_score": "(N,) probability of label 1 (spoof); predict spoof iff >= threshold"},
         "versions": {**versions(), "onnx": onnx.__version__},
         "source": src.origin,
+        # The checkpoint's training settings: its data and validation part, so that ptanet evaluate
+        # measures an exported model on the same split and threshold rules as its checkpoint.
+        "training": (src.checkpoint.meta.get("settings") or None) if src.checkpoint else None,
     }
 
 
