@@ -265,3 +265,27 @@ def test_ptanet_serve_process_stops_on_sigterm(tiny_model, face_jpeg, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_service_runs_a_switchable_folder(tiny_model, face_jpeg, tmp_path):
+    """What a deployment ships: the exported folder; the service lists and switches the configurations
+    it holds, and scores as that configuration's static file does."""
+    from ptanet.export import export_onnx, export_switchable_folder
+
+    folder = export_switchable_folder(tiny_model, tmp_path / "model_switchable", ["HHH", "LLL"])["path"]
+    static = export_onnx(tiny_model, tmp_path / "model_LLL.onnx", config="LLL")["path"]
+    exported, reference = LivenessChecker(folder, detect="haar"), LivenessChecker(static, detect="haar")
+    s = Server(create_app(exported, max_body=MAX_BODY, queue=4, workers=2))
+    try:
+        status, _, configs = s.request("GET", "/v1/configs")
+        assert status == 200 and [c["config"] for c in configs["configs"]] == ["HHH", "LLL"]
+        status, _, body = s.request("PUT", "/v1/config", json.dumps({"config": "LLL"}), {"Content-Type": "application/json"})
+        assert status == 200 and body == {"config": "LLL"}
+        status, _, result = s.request("POST", "/v1/liveness", face_jpeg, {"Content-Type": "image/jpeg"})
+        want = reference.check(face_jpeg)  # the LLL graph alone, as a static file
+        assert status == 200 and result["config"] == "LLL"
+        assert result["faces"][0]["spoof_probability"] == pytest.approx(want.faces[0].spoof_probability, abs=1e-6)
+        status, _, bad = s.request("PUT", "/v1/config", json.dumps({"config": "BBB"}), {"Content-Type": "application/json"})
+        assert status == 422 and "it holds configurations HHH, LLL" in bad["detail"]
+    finally:
+        s.stop()

@@ -217,12 +217,15 @@ class LivenessChecker:
 
     @property
     def configs(self) -> list[str]:
-        """The configurations this model can run: all 27 for a PTA checkpoint, else its one."""
+        """The configurations this model can run: all 27 for a PTA checkpoint, those an exported
+        switchable model holds, else its one."""
         if self.predictor.backend == "torch" and self.predictor.config is not None:
             from ptanet.models import is_pta
 
             if is_pta(self.predictor._backend.model):
                 return all_configs()
+        if self.predictor.backend == "onnxruntime":
+            return [c for c in self.predictor._backend.model.config_names if c != "No PTA"]
         return [self.config] if self.config else []
 
     def set_config(self, config: str) -> "LivenessChecker":
