@@ -185,10 +185,10 @@ class DeployedModel:
             if config is not None and (meta.get("config") or "No PTA") != config:
                 raise ValueError(f"{where[config]}: holds configuration {meta.get('config') or 'No PTA'}, "
                                  f"the manifest says {config}")
-        image = self._graphs[next(iter(self._graphs))].get_inputs()[0]
+        one = next(iter(self._graphs.values()))
+        image = next(i for i in one.get_inputs() if i.name == INPUT_NAME)  # checked above
         self.fixed_batch = image.shape[0] if isinstance(image.shape[0], int) else None
         self.folder = None not in self._graphs
-        one = next(iter(self._graphs.values()))
         self.switchable = self.folder or CONFIG_INPUT in {i.name for i in one.get_inputs()}
         self.configs: list[dict] = list(self.meta.get("configs") or [])
         self._index = {(c["config"] or "No PTA"): k for k, c in enumerate(self.configs)}
