@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-deps test test-slow demo nuaa clean
+.PHONY: install system-deps test test-slow screenshot demo nuaa clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ system-deps:
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+screenshot: $(STAMP)  # docs/screenshot.png, from the page's test in headless Chromium
+	PTANET_SCREENSHOT=docs/screenshot.png $(BIN)/python -m pytest -q tests/test_page.py
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
