@@ -547,6 +547,36 @@ def export_switchable_folder(
             "size_bytes": size, "opset": opset}
 
 
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors (shapes, scalars) stay inside the graph
+
+
+def _move_to_external(tensors: Iterable[onnx.TensorProto], location: str) -> list[bytes]:
+    """Point every tensor of at least :data:`EXTERNAL_MIN_BYTES` at its place in one external-data
+    file ``location`` (equal tensors, by content, at one place) and drop its bytes from the graph;
+    returns the distinct blobs in file order, for :func:`_write_blobs`."""
+    from onnx.external_data_helper import set_external_data
+
+    blobs: dict[str, tuple[int, bytes]] = {}
+    end = 0
+    for t in tensors:
+        if len(t.raw_data) < EXTERNAL_MIN_BYTES:
+            continue
+        key = _content_name(t)
+        if key not in blobs:
+            blobs[key] = (end, t.raw_data)
+            end += len(t.raw_data) + (-len(t.raw_data)) % 64
+        offset, data = blobs[key]
+        set_external_data(t, location, offset, len(data))
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+    return [data for _, data in blobs.values()]
+
+
+def _write_blobs(f, blobs: list[bytes]) -> None:
+    for data in blobs:
+        f.write(data + b"\0" * ((-len(data)) % 64))  # 64-byte aligned, as onnx's own writer does
+
+
 def write_shared_graphs(protos: dict[str, onnx.ModelProto], out_dir: Path, check=None) -> int:
     """Write one graph per configuration into a new subfolder of ``out_dir``, with every weight
     tensor in one ``weights.bin`` beside them (each distinct tensor once), ``check`` the graphs, then
@@ -559,36 +589,20 @@ def write_shared_graphs(protos: dict[str, onnx.ModelProto], out_dir: Path, check
     import shutil
     import tempfile
 
-    from onnx.external_data_helper import set_external_data
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    blobs: dict[str, tuple[int, bytes]] = {}
-    end = 0
-    for proto in protos.values():
-        for t in proto.graph.initializer:
-            if len(t.raw_data) < 1024:
-                continue  # small constants (shapes, scalars) stay inside the graph
-            key = _content_name(t)
-            if key not in blobs:
-                blobs[key] = (end, t.raw_data)
-                end += len(t.raw_data) + (-len(t.raw_data)) % 64  # 64-byte aligned, as onnx's own writer does
-            offset, data = blobs[key]
-            set_external_data(t, "weights.bin", offset, len(data))
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
+    blobs = _move_to_external([t for proto in protos.values() for t in proto.graph.initializer], "weights.bin")
     serialized = {config: proto.SerializeToString() for config, proto in protos.items()}
     digest = hashlib.sha1()
     for config, data in serialized.items():
         digest.update(config.encode() + data)
-    for _, data in blobs.values():
+    for data in blobs:
         digest.update(data)
     name = f"graphs-{digest.hexdigest()[:12]}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the graphs from a service running as another user
     try:
         with open(tmp / "weights.bin", "wb") as f:
-            for _, data in blobs.values():
-                f.write(data + b"\0" * ((-len(data)) % 64))
+            _write_blobs(f, blobs)
         for config, data in serialized.items():
             (tmp / onnx_filename(config)).write_bytes(data)
         if check is not None:
@@ -677,27 +691,16 @@ def write_with_external_weights(proto: onnx.ModelProto, out_path: Path, check=No
     import tempfile
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    blobs: dict[str, tuple[int, bytes]] = {}
+    tensors = list(_all_tensors(proto.graph))
     digest = hashlib.sha1()
-    tensors = [t for t in _all_tensors(proto.graph) if len(t.raw_data) >= 1024]
-    for t in tensors:
-        key = _content_name(t)
-        if key not in blobs:
-            blobs[key] = (sum(len(b) + (-len(b)) % 64 for _, b in blobs.values()), t.raw_data)
-            digest.update(key.encode())
+    for key in dict.fromkeys(_content_name(t) for t in tensors if len(t.raw_data) >= EXTERNAL_MIN_BYTES):
+        digest.update(key.encode())
     weights = out_path.with_name(f"{out_path.stem}.{digest.hexdigest()[:12]}.weights")
-    from onnx.external_data_helper import set_external_data
-
-    for t in tensors:
-        offset, data = blobs[_content_name(t)]
-        set_external_data(t, weights.name, offset, len(data))
-        t.ClearField("raw_data")
-        t.data_location = onnx.TensorProto.EXTERNAL
+    blobs = _move_to_external(tensors, weights.name)
     fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=out_path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            for _, data in blobs.values():
-                f.write(data + b"\0" * ((-len(data)) % 64))  # 64-byte aligned, as onnx's own writer does
+            _write_blobs(f, blobs)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, weights)
