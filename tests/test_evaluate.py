@@ -156,6 +156,10 @@ def test_an_exported_model_gets_the_checkpoints_rows(tiny_runs, tmp_path, capsys
         assert r["n"] == w["n"] and r["auc"] == pytest.approx(w["auc"], abs=1e-6)
         # The EER point lies between two scores: float32 kernels may move it within that gap, not the ACER.
         assert r["acer"] == pytest.approx(w["acer"]) and r["threshold"] == pytest.approx(w["threshold"], abs=1e-3)
+    from ptanet.bench import evaluate_exported  # what ptanet export --int8 reports with: the same numbers
+
+    quick = {r["config"]: r["acer"] for r in evaluate_exported(folder, ck)}
+    assert quick == {r["config"]: r["acer"] for r in rows if r["threshold_rule"] == "0.5"}
     static = export_onnx(ck, tmp_path / "model_LLL.onnx", config="LLL")["path"]
     assert main(["evaluate", static, "--out", str(tmp_path / "e")]) == 0
     assert "exported model (onnxruntime)" in (tmp_path / "e" / "table3.md").read_text()

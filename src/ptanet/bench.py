@@ -441,13 +441,12 @@ def _switch_cost(model, configs: list[str], x: np.ndarray, switches: int = 120) 
 
 def compare_artifacts(checkpoint, configs: list[str] | None = None, threads: int = 1, runs: int = 300,
                       rounds: int = 10, work_dir=None) -> dict:
-    """Size, resident memory, switch cost and per-configuration latency of (a) the switchable file,
-    (a') its variant with every layer inside the ``If`` branches, (b) one graph per
-    configuration sharing one external-data weights file, against (c) the static files. Latency ratios are medians of interleaved runs in one process."""
+    """Size, resident memory, switch cost and per-configuration latency of (a) the switchable folder
+    (one graph per configuration sharing one weights file), (b) the switchable file (If per
+    configuration) and (b') its variant with every layer inside the ``If`` branches, against (c) the
+    static files. Latency ratios are medians of interleaved runs in one process."""
     import tempfile
     from pathlib import Path
-
-    import onnx
 
     from ptanet.export import (SWITCHABLE_DIR, SWITCHABLE_NAME, _source, export_all, export_switchable,
                                export_switchable_folder)
@@ -539,7 +538,6 @@ def _quality(model_path, quality_json) -> dict[str, float]:
     from ptanet.runtime import is_exported, read_metadata
 
     if is_exported(path):
-
         return {c["config"]: c["val"]["acer"] for c in read_metadata(path).get("configs", [])
                 if c.get("config") and c.get("val")}
     from ptanet.checkpoint import load_checkpoint
@@ -618,7 +616,7 @@ class CPUBurner:
 
 def adaptive_benchmark(checkpoint, configs: list[str] | None = None, budget_ms: float | None = None,
                        frames: int = 3000, threads: int = 1, window: int = 15, plot=None, work_dir=None) -> dict:
-    """Frames through the switchable file, alternately by the adaptive controller and by fixed HHH,
+    """Frames through the switchable folder, alternately by the adaptive controller and by fixed HHH,
     while a CPU burner runs during the middle third. The controller's ladder is the configurations
     no dearer than HHH (multiply-adds), cheapest first; the budget defaults to 1.3 x HHH's quiet
     90th percentile. Rows: share of frames over budget and p90, overall and while loaded, per runner."""
@@ -727,12 +725,12 @@ def evaluate_exported(model_path, checkpoint, split: str = "test", configs: list
     from pathlib import Path
 
     from ptanet.checkpoint import load_checkpoint
+    from ptanet.checkpoint import Checkpoint
     from ptanet.data import CropCache
+    from ptanet.evaluate import exported_scores
     from ptanet.metrics import error_rates
     from ptanet.runtime import DeployedModel
     from ptanet.train.settings import resolve_settings
-
-    from ptanet.checkpoint import Checkpoint
 
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     settings = ck.meta.get("settings")
@@ -743,8 +741,7 @@ def evaluate_exported(model_path, checkpoint, split: str = "test", configs: list
     rows = []
     for config in configs or model.config_names:
         model.set_config(config)
-        scores = np.concatenate([model.spoof_scores(np.ascontiguousarray(cache.crops[i:i + 64]))
-                                 for i in range(0, len(cache.crops), 64)])
+        scores = exported_scores(model, cache.crops)
         rows.append({"config": model.config, "model": config_label(model.config), "n": len(scores),
                      **error_rates(scores, cache.labels, threshold)})
     return rows

@@ -492,8 +492,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--ort-optimization", choices=("basic", "extended", "all"), default="all",
                    help="onnxruntime graph optimisation level (default all, what deployments use)")
     p.add_argument("--artifact", action="store_true",
-                   help="instead: compare the switchable file with the six static files and with six graphs "
-                   "sharing one weights file (size, resident memory, switch time, latency)")
+                   help="instead: compare the switchable folder and the switchable file with the six static files "
+                   "(size, resident memory, switch time, latency)")
     p.add_argument("--int8-options", action="store_true",
                    help="instead: INT8 variants (per-channel/per-tensor, U8S8/S8S8, reduce_range) per configuration: "
                    "parity with fp32 on real crops and latency")

@@ -177,12 +177,12 @@ def _rows(path: Path, config: str | None, bn: str, split: str, scores, measured,
     return rows
 
 
-def _exported_scores(model, dataset, batch: int = 64):
-    """Spoof scores of an exported model (``ptanet.runtime.DeployedModel``) on a crop dataset's images."""
+def exported_scores(model, crops, index=None, batch: int = 64):
+    """Spoof scores of an exported model (``ptanet.runtime.DeployedModel``) on ``crops[index]`` (all
+    of them without ``index``), read in batches so a memory-mapped crop cache is never loaded whole."""
     import numpy as np
 
-    crops = dataset.cache.crops
-    index = np.asarray(dataset.indices)
+    index = np.arange(len(crops)) if index is None else np.asarray(index)
     return np.concatenate([model.spoof_scores(np.ascontiguousarray(crops[index[i:i + batch]]))
                            for i in range(0, len(index), batch)]) if len(index) else np.zeros(0, np.float32)
 
@@ -214,10 +214,11 @@ def _evaluate_exported(path: Path, configs: list[str] | None, data: str | None, 
     for name in wanted:
         model.set_config(name)
         config = model.config
-        scores = _exported_scores(model, measured)
+        scores = exported_scores(model, measured_cache.crops, measured.indices)
         thresholds = [("0.5", 0.5, "fixed")]
         if val is not None:
-            eer_at = eer_threshold(scores if split == "val" else _exported_scores(model, val), val.labels)
+            eer_at = eer_threshold(scores if split == "val" else exported_scores(model, val.cache.crops, val.indices),
+                                   val.labels)
             if not math.isnan(eer_at):
                 thresholds.append(("eer@val", eer_at, f"validation part of {own.data}"))
         stored_at = threshold_for(model.meta.get("threshold"), config, str(path))

@@ -754,8 +754,10 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                   quant_format: str = "QDQ") -> dict:
     """Static quantization of an exported fp32 file, calibrated (min/max) on ``calibration`` crops
     (``depthwise_fp32``: the depthwise convolutions stay fp32; ``quant_format``: "QDQ" or
-    "QOperator", whose QLinearConv nodes onnxruntime runs without the QDQ fusion pass); written only if its probabilities
-    on ``check`` crops differ from the fp32 file's by at most ``tolerance`` on average, with at least :data:`INT8_AGREEMENT` of the labels equal. Returns ``{path, max_abs_diff, mean_abs_diff, label_agreement, size_bytes, options}``."""
+    "QOperator", whose QLinearConv nodes onnxruntime runs without the QDQ fusion pass). Written only
+    if its probabilities on ``check`` crops differ from the fp32 file's by at most ``tolerance`` on
+    average, with at least :data:`INT8_AGREEMENT` of the labels equal. Returns ``{path,
+    max_abs_diff, mean_abs_diff, label_agreement, size_bytes, options}``."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static

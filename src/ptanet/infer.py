@@ -32,6 +32,7 @@ from ptanet.preprocess import (IMAGE_EXTENSIONS, EmptyBoxError, ImageReadError, 
 from ptanet.runtime import DeployedModel, is_exported
 from ptanet.threshold import DEFAULT_THRESHOLD, check_threshold, threshold_for
 
+
 class _TorchBackend:
     """A checkpoint run with PyTorch. Switching a PTA configuration swaps branch pointers only."""
 
@@ -68,7 +69,6 @@ class _OnnxBackend:
     def __init__(self, path: Path, config: str | None, threads: int) -> None:
         self.path = path
         self.model = DeployedModel(path, threads)
-        self.session = self.model.session
         self.preprocess, self.labels = self.model.meta["preprocess"], self.model.meta["labels"]
         try:
             Preprocess.from_dict(self.preprocess)
