@@ -226,8 +226,18 @@ def test_int8_calibrated_on_real_crops_and_checked(trained_like, tmp_path):
     meta = read_metadata(int8)
     assert meta["quantization"]["per_channel"] is True and meta["quantization"]["activation"] == "U8"
     assert meta["int8_parity"]["mean_abs_diff"] == result["mean_abs_diff"]
-    ops = {n.op_type for n in onnx.load(int8).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    assert meta["quantization"]["stem_fp32"] is True
+    nodes = onnx.load(int8).graph.node
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in nodes}  # QDQ format
+    # The preprocessing and the first convolution stay float: the first QuantizeLinear quantizes
+    # that convolution's activation (ReLU6, a Clip), and every later convolution reads a dequantized input.
+    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    first_q = next(i for i, n in enumerate(nodes) if n.op_type == "QuantizeLinear")
+    produced = {o: n for n in nodes for o in n.output}
+    activation = produced[nodes[first_q].input[0]]
+    assert activation.op_type == "Clip" and produced[activation.input[0]] is nodes[convs[0]]
+    assert produced[nodes[convs[0]].input[0]].op_type != "DequantizeLinear"
+    assert all(produced[nodes[i].input[0]].op_type == "DequantizeLinear" for i in convs[1:])
     crops = generated_crops(4, 48)
     fp32 = _ort_outputs(tmp_path / "model_LLL.onnx", crops)[0]
     assert np.abs(_ort_outputs(int8, crops)[0] - fp32).max() < 0.2
@@ -243,7 +253,7 @@ def test_int8_qoperator_format(trained_like, tmp_path):
     fp32, crops = tmp_path / "model_LLL.onnx", generated_crops(16, 48, seed=2)
     result = quantize_int8(fp32, tmp_path / "q.onnx", crops[:8], crops[8:], tolerance=1.0, quant_format="QOperator")
     ops = {n.op_type for n in onnx.load(result["path"]).graph.node}
-    assert "QLinearConv" in ops and "Conv" not in ops  # integer convolutions, none left in float
+    assert "QLinearConv" in ops and [n.op_type for n in onnx.load(result["path"]).graph.node].count("Conv") == 0
     assert read_metadata(result["path"])["quantization"]["format"] == "QOperator"
     assert np.abs(_ort_outputs(result["path"], crops)[0] - _ort_outputs(fp32, crops)[0]).max() < 0.3
     with pytest.raises(ValueError, match="quant_format is QDQ or QOperator"):

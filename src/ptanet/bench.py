@@ -787,13 +787,17 @@ INT8_OPTION_COLUMNS = [
     ("label_agreement", "Labels equal (%)", "pct"),
     ("latency_ratio", "INT8 / fp32 latency", "f3"),
 ]
+# The kept settings (export.INT8_OPTIONS) first, then each with one thing changed.
 INT8_VARIANTS = [
-    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False},
-    {"per_channel": False, "activation": "U8", "weight": "S8", "reduce_range": False},
-    {"per_channel": True, "activation": "S8", "weight": "S8", "reduce_range": False},
-    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": True},
-    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False, "depthwise_fp32": True},
-    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False, "quant_format": "QOperator"},
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False, "stem_fp32": True},
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False, "stem_fp32": False},
+    {"per_channel": False, "activation": "U8", "weight": "S8", "reduce_range": False, "stem_fp32": True},
+    {"per_channel": True, "activation": "S8", "weight": "S8", "reduce_range": False, "stem_fp32": True},
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": True, "stem_fp32": True},
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False, "stem_fp32": True,
+     "depthwise_fp32": True},
+    {"per_channel": True, "activation": "U8", "weight": "S8", "reduce_range": False, "stem_fp32": True,
+     "quant_format": "QOperator"},
 ]
 
 
@@ -823,6 +827,7 @@ def int8_options(checkpoint, configs: list[str], runs: int = 200, rounds: int = 
                 runners[f"{c}|{k}"] = lambda m=m8: m.run(x)
                 name = (f"{'per-channel' if v['per_channel'] else 'per-tensor'}, {v['activation']}{v['weight']}"
                         f"{', reduce_range' if v['reduce_range'] else ''}"
+                        f"{', first convolution fp32' if v.get('stem_fp32') else ', all convolutions INT8'}"
                         f"{', depthwise convolutions fp32' if v.get('depthwise_fp32') else ''}"
                         f"{', QOperator format' if v.get('quant_format') == 'QOperator' else ''}")
                 rows.append({"config": c, "model": config_label(c), "variant": k, "options": name,
