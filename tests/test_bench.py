@@ -76,7 +76,7 @@ def test_benchmark_rows_per_runtime_with_ratio_to_no_pta(tmp_path):
                              batch_runs=1, size=32, work_dir=tmp_path, progress=False)
     rows = result["rows"]
     assert [(r["model"], r["runtime"]) for r in rows] == [
-        (m, rt) for rt in ("torch", "onnxruntime") for m in ("No PTA", "PTA-LLL", "PTA-BBB", "PTA-BBB (folded)")]
+        (m, rt) for rt in ("torch", "onnxruntime") for m in ("No PTA", "PTA-LLL", "PTA-BBB", bench.BBB_VARIANT)]
     for r in rows:
         assert r["runs"] == 4 and r["p90_ms"] >= r["median_ms"] >= r["p10_ms"] > 0 and r["throughput"] > 0
         assert r["relative"] == (1.0 if r["model"] == "No PTA" else r["median_ms"] / next(
@@ -84,24 +84,41 @@ def test_benchmark_rows_per_runtime_with_ratio_to_no_pta(tmp_path):
     assert {r["mops"] for r in rows if r["config"] == "BBB"} == {next(r["mops"] for r in rows if r["model"] == "PTA-BBB")}
     assert result["environment"]["threads"] == 1 and result["environment"]["onnxruntime"]
     names = [r["ratio"] for r in bench.speed_ratios(rows)]
-    assert "eager / ONNX Runtime, No PTA batch 1 (median)" in names and "BBB (folded) / No PTA, onnxruntime (p10)" in names
+    assert "eager / ONNX Runtime, No PTA batch 1 (median)" in names and "BBB (average as Mul) / No PTA, onnxruntime (p10)" in names
     bench.plot_latency_vs_macs(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
-def test_folding_the_average_keeps_the_outputs():
+def test_the_average_folded_into_the_next_convolution_keeps_the_outputs_and_drops_the_multiply():
+    import onnx
+
+    from ptanet.blocks import BothBranches
+    from ptanet.export import Deployable, _to_onnx_bytes
+    from ptanet.preprocess import Preprocess
+
     torch.manual_seed(0)
     model = pta_mobilenet_v2().eval()
     for m in model.modules():  # non-trivial BatchNorm so a wrong fold shows
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.weight.data.uniform_(0.5, 1.5)
-    static = model.to_static("BBB")
-    folded = bench.fold_both_average(static)
+    folded, plain = model.to_static("BBB"), model.to_static("BBB", fold_average=False)
+    assert [m.scale for m in folded.features if isinstance(m, BothBranches)] == [1.0] * 3
+    assert [m.scale for m in plain.features if isinstance(m, BothBranches)] == [0.5] * 3
+    assert folded.arch["average_folded"] and "average_folded" not in plain.arch
+    assert "average_folded" not in model.to_static("HLH").arch  # nothing to fold
+    unfolded = bench.unfold_both_averages(folded)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), static(x), rtol=1e-4, atol=1e-5)
-        assert sum(type(m).__name__ == "_FoldedBoth" for m in folded.features) == 3
+        want = model.set_config("BBB")(x)
+        for m in (folded, plain, unfolded):  # halving is exact: the same bits
+            torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+    model.set_config("HHH")
+    muls = {}
+    for name, m in (("folded", folded), ("unfolded", unfolded)):
+        graph = onnx.load_from_string(_to_onnx_bytes(Deployable(m, Preprocess(size=64)), 64, 17, False)).graph
+        muls[name] = sum(n.op_type == "Mul" for n in graph.node)
+    assert muls == {"folded": 1, "unfolded": 4}  # the normalisation's Mul, plus one per B block
 
 
 def test_selection_rows_from_bench_and_quality_files(tmp_path):

@@ -39,7 +39,10 @@ def test_pta_roundtrip_with_bn_stats_and_config(tmp_path):
 
 def test_baseline_and_static_roundtrip(tmp_path):
     x = torch.randn(1, 3, 96, 96)
-    for model in (mobilenet_v2().eval(), pta_mobilenet_v2().eval().to_static("BLH")):
+    pta = pta_mobilenet_v2().eval()
+    # A static B block with its 0.5 folded into the next convolution rebuilds folded, one without unfolded.
+    for model in (mobilenet_v2().eval(), pta.to_static("BLH"), pta.to_static("BLB"),
+                  pta.to_static("BLB", fold_average=False)):
         ck = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model, PREPROCESS))
         with torch.no_grad():
             torch.testing.assert_close(ck.model(x), model(x), rtol=0, atol=0)

@@ -203,48 +203,38 @@ def _bench_models(checkpoint, configs: list[str], size: int):
         yield config_label(cfg), cfg, pta.to_static(cfg).eval(), preprocess, ck
 
 
-def fold_both_average(module: nn.Module) -> nn.Module:
-    """A copy of a static model whose ``BothBranches`` blocks have the 0.5 of the average folded
-    into each branch's last projection BatchNorm (and the residual of the light branch and the
-    second heavy block scaled alike), so ``B`` needs one Add instead of Add + Mul. Same outputs."""
+BBB_VARIANT = "PTA-BBB (average as Mul)"
+
+
+def unfold_both_averages(module: nn.Module) -> nn.Module:
+    """A copy of a static model whose ``B`` blocks compute their average with an explicit 0.5
+    multiply instead of having it folded into the next convolution (``models.fold_both_averages``):
+    the graph the fold is measured against. Same outputs."""
     import copy
 
-    from ptanet.blocks import BothBranches, InvertedResidual
-
-    class _FoldedBoth(nn.Module):
-        def __init__(self, both: BothBranches) -> None:
-            super().__init__()
-            self.light = copy.deepcopy(both.light)
-            self.heavy = copy.deepcopy(both.heavy)
-            for ir in (self.light, self.heavy[-1]):
-                bn = ir.conv[-1]
-                with torch.no_grad():
-                    bn.weight.mul_(0.5)
-                    bn.bias.mul_(0.5)
-
-        def forward(self, x):
-            y = self.heavy[0](x)
-            # 0.5 (x + cL(x)) + 0.5 (y + cH(y)) = cL'(x) + cH'(y) + 0.5 (x + y), cL', cH' halved
-            return self.light.conv(x) + self.heavy[1].conv(y) + (x + y) * 0.5
+    from ptanet.blocks import BothBranches
 
     out = copy.deepcopy(module)
-    for i, m in enumerate(out.features):
-        if isinstance(m, BothBranches) and isinstance(m.light, InvertedResidual) and m.light.use_res_connect:
-            out.features[i] = _FoldedBoth(m)
+    layers = list(out.features)
+    for i, both in enumerate(layers[:-1]):
+        if isinstance(both, BothBranches) and both.scale == 1.0:
+            with torch.no_grad():
+                layers[i + 1].conv[0][0].weight.mul_(2.0)
+            both.scale = 0.5
     return out
 
 
 def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: Iterable[str] = ("torch", "onnxruntime"),
               threads: int = 1, runs: int = 300, rounds: int = 10, warmup: int = 20, batch_runs: int = 10,
-              size: int = 128, work_dir=None, int8_dir=None, fold_bbb: bool = True, progress: bool = True,
+              size: int = 128, work_dir=None, int8_dir=None, bbb_variant: bool = True, progress: bool = True,
               optimization: str = "all") -> dict:
     """Batch-1 latency (median, p90 over ``runs`` timed calls after ``warmup``, interleaved over
     ``rounds``) and batch-32 throughput of No PTA and each configuration, per runtime: ``torch``
     (eager, the exported :class:`ptanet.export.Deployable` module), ``onnxruntime`` (its fp32 file),
     ``int8`` (the files of ``int8_dir``, from ``ptanet export --int8``). Relative latency is against
     No PTA in the same runtime and run; ``optimization``: onnxruntime's graph optimisation level
-    (``ptanet.runtime.ortsession``). With ``fold_bbb``, BBB is also timed with the average folded
-    into its branches (row "PTA-BBB (folded)"). Returns ``{rows, environment}``."""
+    (``ptanet.runtime.ortsession``). With ``bbb_variant``, BBB is also timed with its average as an
+    explicit multiply (row :data:`BBB_VARIANT`). Returns ``{rows, environment}``."""
     import tempfile
     from pathlib import Path
 
@@ -260,9 +250,9 @@ def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: I
     work = Path(work_dir or tmp.name)
     try:
         models = list(_bench_models(checkpoint, configs, size))
-        if fold_bbb and "BBB" in configs:
+        if bbb_variant and "BBB" in configs:
             _, _, bbb, prep, ck = next(m for m in models if m[1] == "BBB")
-            models.append(("PTA-BBB (folded)", "BBB", fold_both_average(bbb).eval(), prep, ck))
+            models.append((BBB_VARIANT, "BBB", unfold_both_averages(bbb).eval(), prep, ck))
         preprocess = Preprocess.from_dict(models[0][3])
         x1 = np.random.default_rng(0).integers(0, 256, (1, preprocess.size, preprocess.size, 3), dtype=np.uint8)
         x32 = np.random.default_rng(1).integers(0, 256, (32, preprocess.size, preprocess.size, 3), dtype=np.uint8)
@@ -288,7 +278,7 @@ def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: I
                 runners[(label, "onnxruntime")] = lambda r=runtime: r.run(x1)
                 batch_runners[(label, "onnxruntime")] = lambda r=runtime: r.run(x32)
                 meta[(label, "onnxruntime")] = (cfg, macs)
-            if "int8" in runtimes and int8_dir is not None and label != "PTA-BBB (folded)":
+            if "int8" in runtimes and int8_dir is not None and label != BBB_VARIANT:
                 from ptanet.export import onnx_filename
 
                 path = Path(int8_dir) / onnx_filename(cfg).replace(".onnx", ".int8.onnx")
@@ -343,7 +333,7 @@ def _ratios(med, rows: list[dict], what: str) -> list[dict]:
     eager, ort_ = med("No PTA", "torch"), med("No PTA", "onnxruntime")
     if eager and ort_:
         out.append({"ratio": f"eager / ONNX Runtime, No PTA batch 1 ({what})", "value": eager / ort_, "target": ">= 3"})
-    for cfg, target in (("LLL", "<= 0.85"), ("HHH", "<= 1.02"), ("BBB", "<= 1.15"), ("BBB (folded)", "<= 1.15")):
+    for cfg, target in (("LLL", "<= 0.85"), ("HHH", "<= 1.02"), ("BBB", "<= 1.15"), (BBB_VARIANT.removeprefix("PTA-"), "<= 1.15")):
         for rt in ("onnxruntime", "int8", "torch"):
             a, b = med(f"PTA-{cfg}", rt), med("No PTA", rt)
             if a and b:
@@ -566,7 +556,7 @@ def selection_rows(model_path, configs: list[str], bench_json=None, runtime: str
         from ptanet.runtime import is_exported
 
         checkpoint = None if is_exported(model_path) else model_path
-        measured = benchmark(checkpoint, configs, [runtime], runs=runs, rounds=5, fold_bbb=False, batch_runs=1)
+        measured = benchmark(checkpoint, configs, [runtime], runs=runs, rounds=5, bbb_variant=False, batch_runs=1)
         latency = {r["config"]: r["median_ms"] for r in measured["rows"] if r["config"]}
     missing = [c for c in configs if c not in latency]
     if missing:

@@ -89,13 +89,20 @@ class PTABlock(nn.Module):
 
 
 class BothBranches(nn.Module):
-    """A fixed ``B`` PTA block for static (exported) models: the element-wise mean of two branches."""
+    """A fixed ``B`` PTA block for static (exported) models: the element-wise mean of two branches,
+    ``scale * (light(x) + heavy(x))``. ``scale`` is 1.0 where ``PTAMobileNetV2.to_static`` has moved
+    the 0.5 into the next layer's convolution (same outputs, one graph node fewer)."""
 
-    def __init__(self, light: nn.Module, heavy: nn.Module) -> None:
+    def __init__(self, light: nn.Module, heavy: nn.Module, scale: float = 0.5) -> None:
         super().__init__()
         self.light = light
         self.heavy = heavy
+        self.scale = scale
         self.out_channels = heavy[-1].out_channels if isinstance(heavy, nn.Sequential) else heavy.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.light(x) + self.heavy(x)) * 0.5
+        out = self.light(x) + self.heavy(x)
+        return out if self.scale == 1.0 else out * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"

@@ -83,12 +83,13 @@ def save_checkpoint(path: str | Path, model: MobileNetV2, preprocess: dict, meta
 
 
 def _rebuild(arch: dict, path: Path) -> MobileNetV2:
-    kwargs = {k: v for k, v in arch.items() if k not in ("name", "config")}
+    kwargs = {k: v for k, v in arch.items() if k not in ("name", "config", "average_folded")}
     try:
         model = create_model(arch["name"], **kwargs)
         if "config" in arch and is_pta(model):
             # A static (exported) model: the PTA model reduced to one configuration's branches.
-            model = model.to_static(parse_config(arch["config"], model.num_pta_blocks))
+            model = model.to_static(parse_config(arch["config"], model.num_pta_blocks),
+                                    fold_average=bool(arch.get("average_folded")))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: cannot rebuild the architecture {arch!r}: {exc}") from None
     return model

@@ -80,7 +80,7 @@ def _cmd_complexity(args) -> int:
     columns = list(COMPLEXITY_COLUMNS)
     if args.latency:  # one way to time a model: ptanet bench's
         measured = benchmark(None, configs, runtimes=[args.runtime], runs=args.runs * args.rounds, rounds=args.rounds,
-                             size=args.size, fold_bbb=False, batch_runs=1)
+                             size=args.size, bbb_variant=False, batch_runs=1)
         latency = {r["model"]: r for r in measured["rows"]}
         for row in rows:
             row.update(latency_ms=latency[row["model"]]["median_ms"], relative_latency=latency[row["model"]]["relative"])
@@ -488,7 +488,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--batch-runs", type=int, default=10, help="timed batch-32 runs per model")
-    p.add_argument("--no-fold-bbb", action="store_true", help="skip the BBB variant with the average folded in")
+    p.add_argument("--no-bbb-variant", action="store_true",
+                   help="skip timing BBB a second time with its average as an explicit multiply")
     p.add_argument("--ort-optimization", choices=("basic", "extended", "all"), default="all",
                    help="onnxruntime graph optimisation level (default all, what deployments use)")
     p.add_argument("--artifact", action="store_true",
@@ -543,7 +544,7 @@ def _cmd_bench(args) -> int:
         raise ValueError("--runtimes int8 needs --int8-dir (the folder ptanet export --int8 wrote)")
     result = bench.benchmark(args.checkpoint, configs, runtimes, threads=args.threads, runs=args.runs,
                              rounds=args.rounds, warmup=args.warmup, batch_runs=args.batch_runs,
-                             int8_dir=args.int8_dir, fold_bbb=not args.no_fold_bbb,
+                             int8_dir=args.int8_dir, bbb_variant=not args.no_bbb_variant,
                              optimization=args.ort_optimization)
     _print_table(result["rows"], bench.BENCH_COLUMNS, args.format, args.out)
     ratios = bench.speed_ratios(result["rows"])

@@ -282,11 +282,13 @@ class PTAMobileNetV2(MobileNetV2):
         return result
 
     # --- static export ------------------------------------------------------------------------
-    def to_static(self, config: str | None = None) -> MobileNetV2:
+    def to_static(self, config: str | None = None, fold_average: bool = True) -> MobileNetV2:
         """A plain MobileNetV2-shaped module holding only ``config``'s branches (default: the active
         one), with that configuration's BatchNorm statistics and identical outputs.
 
         The result is an independent copy: for export and deployment, where no switching is wanted.
+        ``fold_average``: a ``B`` block's 0.5 goes into the next convolution's weights
+        (:func:`fold_both_averages`); its ``arch`` records it so that a saved static model rebuilds.
         """
         config = self._config if config is None else parse_config(config, self.num_pta_blocks)
         with self.using(config):
@@ -301,9 +303,35 @@ class PTAMobileNetV2(MobileNetV2):
                         layers.append(BothBranches(copy.deepcopy(m.light), copy.deepcopy(m.heavy)))
                 else:
                     layers.append(copy.deepcopy(m))
-            static = MobileNetV2(nn.Sequential(*layers), copy.deepcopy(self.classifier), {**self.arch, "config": config})
+            arch = {**self.arch, "config": config}
+            if fold_average and fold_both_averages(layers):
+                arch["average_folded"] = True
+            static = MobileNetV2(nn.Sequential(*layers), copy.deepcopy(self.classifier), arch)
         static.train(self.training)
         return static
+
+
+def fold_both_averages(layers: list[nn.Module]) -> int:
+    """Move the 0.5 of each ``BothBranches`` average into the first convolution of the block after
+    it, in place; returns how many were moved.
+
+    Why: onnxruntime runs these convolutions in its blocked (NCHWc) CPU layout, which has no Mul, so
+    an explicit 0.5 costs a conversion out of that layout and back around it at every B block (BBB
+    measured about 1 % slower for it in ``ptanet bench``). In paper Table 1 the block after each PTA
+    block changes the channel count (no residual) and starts with a bias-free convolution, which is
+    linear: ``conv(w, 0.5 s) == conv(0.5 w, s)``, exactly in floating point since halving is exact.
+    """
+    moved = 0
+    for i, both in enumerate(layers[:-1]):
+        nxt = layers[i + 1]
+        if not (isinstance(both, BothBranches) and both.scale == 0.5 and isinstance(nxt, InvertedResidual)
+                and not nxt.use_res_connect and isinstance(nxt.conv[0], ConvBNReLU) and nxt.conv[0][0].bias is None):
+            continue
+        with torch.no_grad():
+            nxt.conv[0][0].weight.mul_(0.5)
+        both.scale = 1.0
+        moved += 1
+    return moved
 
 
 def _classifier(last_channel: int, num_classes: int, dropout: float) -> nn.Sequential:
