@@ -42,6 +42,9 @@ def test_rows_per_config_bn_mode_and_threshold(tiny_runs, tmp_path):
     md = table3_markdown(rows)
     assert "per-configuration BatchNorm statistics" in md and "shared BatchNorm statistics (paper)" in md
     assert "| PTA-LLL |" in md and "| No PTA |" in md
+    # Rows of two model files name the file; rows of one do not need to.
+    assert "| Configuration | Model file |" in md and f"| PTA-LLL | {pta[0]['checkpoint']} |" in md
+    assert "Model file" not in table3_markdown(pta)
     paths = write_table3(rows, tmp_path)
     assert len(json.loads(paths["json"].read_text())) == len(rows)
     assert paths["csv"].read_text().count("\n") == len(rows) + 1

@@ -240,6 +240,10 @@ def table3_markdown(rows: list[dict]) -> str:
     """Table 3 in sections: per-configuration BN (if any), the paper's shared BN, and EER thresholds."""
     sections = []
     modes = {r["bn"] for r in rows if r["config"]}
+    # Several model files (say fp32 and INT8 exports of one configuration) give rows of the same name.
+    columns = TABLE3_COLUMNS
+    if len({r.get("checkpoint") for r in rows}) > 1:
+        columns = [TABLE3_COLUMNS[0], ("checkpoint", "Model file", "str"), *TABLE3_COLUMNS[1:]]
     split = SPLITS[rows[0].get("split", "test")] if rows else SPLITS["test"]
     for bn in [m for m in ("recalibrated", "shared", "exported") if m in modes] or ["shared"]:
         for rule, rule_text in (("0.5", "threshold 0.5"), ("eer@val", "threshold = EER point on validation"),
@@ -251,7 +255,7 @@ def table3_markdown(rows: list[dict]) -> str:
                            "exported": "exported model (onnxruntime)"}[bn]
                 where = sorted({r["threshold_from"] for r in picked if rule != "0.5"})
                 source = f"\n\nThresholds chosen on the {'; '.join(where)}." if where else ""
-                sections.append(f"### {split}, {rule_text}, {bn_text}{source}\n\n{to_markdown(picked, TABLE3_COLUMNS)}")
+                sections.append(f"### {split}, {rule_text}, {bn_text}{source}\n\n{to_markdown(picked, columns)}")
     note = ("APCER = attacks accepted as live / attacks, BPCER = live rejected / live (ISO/IEC 30107-3, the paper's "
             "text). The paper's formulas (2)-(3) swap the two; the 'paper formula' columns follow them for comparison.")
     return "\n\n".join(sections) + "\n\n" + note + "\n"
