@@ -1,5 +1,6 @@
 """Training engine: Table 2 sampling, settings, run folder, exact resume, BN recalibration."""
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -283,12 +284,16 @@ def test_shipped_recipes_resolve(tmp_path):
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     shipped = {"nuaa_all_subjects.yaml": (None, 1.0, 1.0), "nuaa_all_subjects_ema.yaml": (0.995, 1.0, 1.0),
                "nuaa_context.yaml": (None, 1.5, 1.0), "nuaa_zoom.yaml": (None, 1.8, 1.8)}
-    assert sorted(p.name for p in recipes.glob("*.yaml")) == sorted(shipped)  # a new recipe gets checked here
+    assert sorted(p.name for p in recipes.glob("*.yaml")) == sorted([*shipped, "nuaa_recommended.yaml"])  # a new recipe gets checked here
     for name, (ema_decay, box_scale, zoom) in shipped.items():
         s = resolve_settings(str(recipes / name))
         assert (s.val_split, s.val_fraction, s.bn_augment, s.ema_decay, s.box_scale, s.zoom) == (
             "random", 0.1, True, ema_decay, box_scale, zoom)
         assert (s.epochs, s.lr, s.sampling) == (20, 1e-4, PAPER_SAMPLING)  # otherwise the paper's
+    # The recommended recipe is the paper's (the defaults) with distillation from HHH and nothing else.
+    recommended = resolve_settings(str(recipes / "nuaa_recommended.yaml"))
+    assert recommended.distill == "HHH"
+    assert dataclasses.replace(recommended, distill=None) == resolve_settings()
 
 
 def test_non_finite_loss_stops_with_checkpoints_intact(tiny_synth, tmp_path, monkeypatch):
