@@ -14,7 +14,7 @@ PTANET=${PTANET:-.venv/bin/ptanet}
 DATA=${DATA:-../shared/data/nuaa-dev}
 OUT=${OUT:-runs/cv}
 SYNTH=${SYNTH:-runs/synth}
-SEEDS=${SEEDS:-0,1}
+SEEDS=${SEEDS:-0,1,2}
 # The paper's crop (box scale 1.0, 128 px) shares one cache; a recipe with another crop needs its own.
 CACHE=${CACHE:-runs/nuaa/cache/nuaa-dev}
 
