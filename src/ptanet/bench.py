@@ -181,8 +181,13 @@ def _p90(values: list[float]) -> float:
     return float(np.percentile(values, 90))
 
 
-def _bench_models(checkpoint, configs: list[str], size: int):
-    """(label, config, static torch module, preprocess, source for export) for No PTA and each configuration.
+BBB_VARIANT = "PTA-BBB (average as Mul)"
+
+
+def _bench_models(checkpoint, configs: list[str], size: int, bbb_variant: bool = False):
+    """(label, config, static torch module, preprocess, source for export) for No PTA and each
+    configuration; with ``bbb_variant`` also BBB with its average as an explicit multiply
+    (``to_static(fold_average=False)``, row :data:`BBB_VARIANT`), the graph the fold is measured against.
 
     Latency does not depend on the weights' values, so without a checkpoint (or for the No PTA row
     of a PTA checkpoint) a freshly initialised model of the same architecture is timed."""
@@ -201,27 +206,8 @@ def _bench_models(checkpoint, configs: list[str], size: int):
     yield "No PTA", None, create_model("mobilenet_v2").eval(), preprocess, None
     for cfg in configs:
         yield config_label(cfg), cfg, pta.to_static(cfg).eval(), preprocess, ck
-
-
-BBB_VARIANT = "PTA-BBB (average as Mul)"
-
-
-def unfold_both_averages(module: nn.Module) -> nn.Module:
-    """A copy of a static model whose ``B`` blocks compute their average with an explicit 0.5
-    multiply instead of having it folded into the next convolution (``models.fold_both_averages``):
-    the graph the fold is measured against. Same outputs."""
-    import copy
-
-    from ptanet.blocks import BothBranches
-
-    out = copy.deepcopy(module)
-    layers = list(out.features)
-    for i, both in enumerate(layers[:-1]):
-        if isinstance(both, BothBranches) and both.scale == 1.0:
-            with torch.no_grad():
-                layers[i + 1].conv[0][0].weight.mul_(2.0)
-            both.scale = 0.5
-    return out
+    if bbb_variant and "BBB" in configs:
+        yield BBB_VARIANT, "BBB", pta.to_static("BBB", fold_average=False).eval(), preprocess, ck
 
 
 def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: Iterable[str] = ("torch", "onnxruntime"),
@@ -249,10 +235,7 @@ def benchmark(checkpoint=None, configs: Iterable[str] | None = None, runtimes: I
     tmp = tempfile.TemporaryDirectory(prefix="ptanet-bench-") if work_dir is None else None
     work = Path(work_dir or tmp.name)
     try:
-        models = list(_bench_models(checkpoint, configs, size))
-        if bbb_variant and "BBB" in configs:
-            _, _, bbb, prep, ck = next(m for m in models if m[1] == "BBB")
-            models.append((BBB_VARIANT, "BBB", unfold_both_averages(bbb).eval(), prep, ck))
+        models = list(_bench_models(checkpoint, configs, size, bbb_variant))
         preprocess = Preprocess.from_dict(models[0][3])
         x1 = np.random.default_rng(0).integers(0, 256, (1, preprocess.size, preprocess.size, 3), dtype=np.uint8)
         x32 = np.random.default_rng(1).integers(0, 256, (32, preprocess.size, preprocess.size, 3), dtype=np.uint8)
